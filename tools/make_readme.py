@@ -1,0 +1,26 @@
+"""Write README.md from nbs/index.ipynb (executed), the way nbdev_readme does where Quarto is installed."""
+import re, sys
+from pathlib import Path
+import nbformat
+from execnb.shell import CaptureShell
+
+def render(nb_path):
+    nb = nbformat.read(nb_path, as_version=4)
+    shell = CaptureShell(path=nb_path.parent)
+    out = []
+    for cell in nb.cells:
+        src = cell.source.strip()
+        if cell.cell_type == 'markdown': out.append(src); continue
+        if src.startswith('#|') and 'hide' in src.splitlines()[0]: continue
+        outputs = shell.run(src)
+        out.append(f'```python\n{src}\n```')
+        text = [o.get('data', {}).get('text/plain') or o.get('text') for o in outputs]
+        text = [t if isinstance(t, str) else ''.join(t) for t in text if t]
+        if text: out.append('    ' + '\n    '.join('\n'.join(text).splitlines()))
+    md = '\n\n'.join(out) + '\n'
+    return re.sub(r'\n{3,}', '\n\n', md)
+
+if __name__ == '__main__':
+    root = Path(__file__).resolve().parent.parent
+    (root / 'README.md').write_text(render(root / 'nbs' / 'index.ipynb'))
+    print('wrote README.md')
