@@ -1,0 +1,41 @@
+"""The training pipeline notebook run headlessly by papermill, with good and bad parameters."""
+import json, subprocess, sys
+from pathlib import Path
+import pytest
+
+NB = Path(__file__).resolve().parent.parent / 'nbs' / 'pipelines' / 'train.ipynb'
+
+def _papermill(out_nb, *params):
+    args = [sys.executable, '-m', 'papermill', str(NB), str(out_nb), '-k', 'nag-toolkit', '--cwd', str(out_nb.parent)]
+    for k, v in params: args += ['-p', k, str(v)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+def _have_kernel():
+    r = subprocess.run([sys.executable, '-m', 'jupyter', 'kernelspec', 'list', '--json'], capture_output=True, text=True)
+    return r.returncode == 0 and 'nag-toolkit' in json.loads(r.stdout)['kernelspecs']
+
+pytestmark = pytest.mark.skipif(not _have_kernel(), reason="the nag-toolkit kernel is registered by `make install`")
+
+def test_papermill_trains_and_reports(tmp_path):
+    r = _papermill(tmp_path / 'train.ipynb', ('out', tmp_path / 'run'), ('steps', 8), ('batch_size', 64))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ('metrics.csv', 'loss.png', 'oracle_gap.csv', 'oracle_gap.png'): assert (tmp_path / 'run' / f).exists(), f
+    assert (tmp_path / 'run' / 'checkpoints' / 'step_00000008').is_dir()
+
+def test_unknown_parameter_stops_in_the_validation_cell_and_keeps_the_notebook(tmp_path):
+    r = _papermill(tmp_path / 'bad.ipynb', ('out', tmp_path / 'run'), ('stepz', 8))
+    assert r.returncode != 0
+    assert "parameter 'stepz' is not a parameter of this notebook" in r.stderr
+    assert (tmp_path / 'bad.ipynb').exists() and not (tmp_path / 'run').exists()
+
+def test_wrong_type_stops_with_one_line(tmp_path):
+    r = _papermill(tmp_path / 'bad.ipynb', ('out', tmp_path / 'run'), ('steps', 'many'))
+    assert r.returncode != 0 and "steps='many' has the wrong type; allowed: int" in r.stderr
+    assert not (tmp_path / 'run').exists()
+
+def test_string_with_quotes_and_newlines_passes_through_unchanged(tmp_path):
+    """A path holding quotes and a newline reaches the config unchanged and executes nothing."""
+    weird = tmp_path / 'we\'ird "dir"\nx'
+    r = _papermill(tmp_path / 'q.ipynb', ('out', weird), ('steps', 2), ('batch_size', 16))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (weird / 'metrics.csv').exists()
