@@ -15,7 +15,7 @@ $(STAMP): setup.py settings.ini
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m nag_toolkit.demo --out runs/demo
+	$(PY) -m nag_toolkit.cli study --out runs/demo
 
 # The sync check: notebooks are clean and nbdev_export leaves the library unchanged.
 sync: install
