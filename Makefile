@@ -22,7 +22,7 @@ sync: install
 	$(PY) tools/check_sync.py
 
 nbtest: install
-	nbdev_test --n_workers 2
+	OMP_NUM_THREADS=1 nbdev_test --n_workers 2
 
 pytest: install
 	$(PY) -m pytest -q tests

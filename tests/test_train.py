@@ -106,3 +106,27 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     assert r1.returncode == 0, r1.stderr
     (m2, _, _), (m1, _, _) = _weights(tmp_path / 'ddp'), _weights(tmp_path / 'one')
     for k in m1: torch.testing.assert_close(m2[k], m1[k], rtol=1e-5, atol=1e-5)
+
+def test_finetune_from_a_run_starts_from_its_ema_with_the_papers_defaults(tmp_path):
+    T.train({**SMALL, 'steps': 6, 'out': str(tmp_path / 'base')})
+    run = T.setup(T.TrainConfig.from_dict({**SMALL, 'steps': 4, 'finetune_from': str(tmp_path / 'base'), 'out': str(tmp_path / 'ft')}))
+    assert run['cfg'].lr == 1e-5 and run['cfg'].p_drop == 0.2          # the paper's fine-tuning recipe
+    ema = load_checkpoint(tmp_path / 'base')['ema']
+    assert all(torch.equal(v, ema[k]) for k, v in run['model'].state_dict().items())
+
+def test_finetune_from_an_official_layout_dit_file(tmp_path):
+    """A DiT weights file as the official repos write it (a plain state dict, .pt, no null-t key) initialises a DiT
+    fine-tuning run on latent shards; the null-t embedding keeps its fresh initialisation."""
+    from nag_toolkit.models import build_model, NULL_T_KEY
+    from nag_toolkit.data import save_latent_shard
+    opts = {'input_size': 8, 'num_classes': 10}
+    src = build_model('DiT-S/8', **opts)
+    torch.save({k: v for k, v in src.state_dict().items() if k != NULL_T_KEY}, tmp_path / 'DiT-S-8.pt')
+    save_latent_shard(tmp_path / 'lat' / '000', torch.randn(32, 4, 8, 8), torch.randint(10, (32,)))
+    cfg = {'dataset': 'latents', 'dataset_options': {'path': str(tmp_path / 'lat')}, 'model': 'DiT-S/8', 'model_options': opts,
+           'batch_size': 8, 'steps': 2, 'finetune_from': str(tmp_path / 'DiT-S-8.pt'), 'out': str(tmp_path / 'ft')}
+    run = T.setup(T.TrainConfig.from_dict(cfg))
+    sd = run['model'].state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if k != NULL_T_KEY)
+    T.train(cfg)
+    assert _weights(tmp_path / 'ft')[2] == 2
