@@ -1,4 +1,4 @@
-"""Benchmark (not a test): what guidance costs around a sampler step, on CPU, with a small MLP denoiser.
+"""Benchmark (not a test): what guidance costs around a sampler step, on CPU, with the toolkit's MLP denoiser.
 
 Prints three ratios, each from medians of repeated, interleaved timings in this one run:
   1. sampler overhead = time(N guided Euler steps) / (N * time of the one batched 3-branch forward they need);
@@ -6,32 +6,11 @@ Prints three ratios, each from medians of repeated, interleaved timings in this 
   3. guided step (one batched forward) / three separate forwards with the same mix.
 Run: python bench/bench_sampling.py [--batch 256] [--dim 64] [--hidden 512] [--steps 50] [--repeats 15] [--threads N]
 """
-import argparse, math, statistics, time
+import argparse, statistics, time
 import torch
-from torch import nn
+from nag_toolkit.models import build_model
 from nag_toolkit.guidance import Denoiser, GuidedDenoiser
 from nag_toolkit.samplers import sample_euler, time_grid
-
-class MLP(nn.Module):
-    "A velocity MLP with the toolkit's network interface: time and class embeddings, learned null-t and null-class tokens."
-    pred = 'v'
-    def __init__(self, dim=64, hidden=512, num_classes=10, depth=3, n_freq=16):
-        super().__init__()
-        self.num_classes, self.freqs = num_classes, torch.exp(torch.linspace(0, math.log(1000), n_freq))
-        self.t_proj, self.null_t = nn.Linear(2 * n_freq, hidden), nn.Parameter(torch.zeros(hidden))
-        self.y_emb = nn.Embedding(num_classes + 1, hidden)                  # id num_classes: the null class
-        self.inp, self.out = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
-
-    def forward(self, x, t, y=None, null_t=None, null_y=None):
-        f = t[:, None].float() * self.freqs
-        te = self.t_proj(torch.cat([f.sin(), f.cos()], 1))
-        if null_t is not None: te = torch.where(null_t[:, None], self.null_t, te)
-        y = torch.zeros(len(x), dtype=torch.long) if y is None else y
-        if null_y is not None: y = torch.where(null_y, self.num_classes, y)
-        h = self.inp(x) + te + self.y_emb(y)
-        for b in self.blocks: h = h + b(h)
-        return self.out(h)
 
 def median_times(fns:dict, repeats:int)->dict:
     "Median wall time of each `fn()`, timed in interleaved rounds (so slow drifts of a shared machine hit all alike)."
@@ -45,13 +24,13 @@ def median_times(fns:dict, repeats:int)->dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--batch', type=int, default=256); ap.add_argument('--dim', type=int, default=64)
-    ap.add_argument('--hidden', type=int, default=512); ap.add_argument('--steps', type=int, default=50)
+    ap.add_argument('--hidden', type=int, default=256); ap.add_argument('--steps', type=int, default=50)
     ap.add_argument('--repeats', type=int, default=15)
     ap.add_argument('--threads', type=int, default=0, help="torch threads (0: torch's default); 1 is steadier on a shared machine")
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    net = MLP(a.dim, a.hidden).eval()
+    net = build_model('mlp', dim=a.dim, width=a.hidden, depth=3, num_classes=10).eval()   # the toolkit's own MLP denoiser
     den = Denoiser(net, 'linear')
     guided = GuidedDenoiser(den, w_cfg=1.5, w_nag=0.5)
     B, ts = a.batch, time_grid(a.steps, t_max=1.0)

@@ -1,0 +1,14 @@
+"""The scenario YAML files in configs/ parse into valid configurations (they are run on GPU nodes, not here)."""
+from pathlib import Path
+import pytest, yaml
+from nag_toolkit.train import TrainConfig
+from nag_toolkit.models import model_options
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
+TRAIN = sorted(p for p in CONFIGS.glob('*.yaml') if 'model' in yaml.safe_load(p.read_text()))
+
+@pytest.mark.parametrize('path', TRAIN, ids=lambda p: p.name)
+def test_training_scenarios_are_valid(path):
+    cfg = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+    assert set(cfg.model_options) <= set(model_options(cfg.model))
+    assert len(TRAIN) >= 3
