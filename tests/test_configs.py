@@ -12,3 +12,11 @@ def test_training_scenarios_are_valid(path):
     cfg = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
     assert set(cfg.model_options) <= set(model_options(cfg.model))
     assert len(TRAIN) >= 3
+
+SAMPLE = sorted(p for p in CONFIGS.glob('*.yaml') if 'checkpoint' in yaml.safe_load(p.read_text()))
+
+@pytest.mark.parametrize('path', SAMPLE, ids=lambda p: p.name)
+def test_sampling_scenarios_are_valid(path):
+    from nag_toolkit.sample import SampleConfig
+    SampleConfig.from_dict(yaml.safe_load(path.read_text()))
+    assert len(SAMPLE) >= 1

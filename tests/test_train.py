@@ -130,3 +130,14 @@ def test_finetune_from_an_official_layout_dit_file(tmp_path):
     assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if k != NULL_T_KEY)
     T.train(cfg)
     assert _weights(tmp_path / 'ft')[2] == 2
+
+def test_import_pretrained_makes_a_run_folder_that_sampling_reads(tmp_path):
+    """Official-layout weights become a nag_toolkit run (step 0, EMA = the weights) that load_trained rebuilds."""
+    from nag_toolkit.models import build_model, NULL_T_KEY
+    src = build_model('DiT-S/8', input_size=8, num_classes=10)
+    torch.save({k: v for k, v in src.state_dict().items() if k != NULL_T_KEY}, tmp_path / 'w.pt')
+    T.import_pretrained(tmp_path / 'w.pt', tmp_path / 'run')
+    model, state = T.load_trained(tmp_path / 'run')
+    assert state['step'] == 0 and state['pred'] == 'eps' and state['config']['path'] == 'ddpm'
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if k != NULL_T_KEY)
