@@ -4,7 +4,7 @@ PY ?= python3
 STAMP := .make/install.stamp
 KERNEL := nag-toolkit
 
-.PHONY: install demo test sync nbtest pytest docs clean
+.PHONY: install demo test sync nbtest pytest docs docs-offline test-browser clean
 
 install: $(STAMP)
 
@@ -25,12 +25,23 @@ nbtest: install
 	OMP_NUM_THREADS=1 nbdev_test --n_workers 2
 
 pytest: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/browser
 
 test: sync nbtest pytest
 
 docs: install
 	nbdev_docs
 
+# The docs without Quarto: executed notebooks rendered to an offline HTML site in _site_offline/.
+docs-offline: install
+	$(PY) tools/render_docs.py --out _site_offline
+
+# Real-browser tests (JupyterLab + the NAG explorer, and every page of the offline docs) in headless Chromium.
+# Installs Debian's chromium and Playwright for Python where missing; never runs `playwright install`.
+test-browser: install
+	command -v chromium || (apt-get update && apt-get install -y chromium)
+	$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -e ".[browser]"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/browser
+
 clean:
-	rm -rf .make runs _docs _proc
+	rm -rf .make runs _docs _proc _site_offline
