@@ -221,3 +221,16 @@ def test_time_shift():
     assert torch.equal(TimeShift(den, p, data_var=m, window=0.0)(xt, 0.5), xt) and (seen[-1] == 0.5).all()
     TimeShift(den, p, data_var=m, window=0.1, cutoff=0.6)(xt, torch.tensor([0.5] * 16 + [0.7] * 16, dtype=torch.float64))
     assert (seen[-1][:16] == 0.5).all() and (seen[-1][16:] != 0.7).all()
+
+def test_guided_step_reads_nothing_back_from_the_device_without_an_interval(monkeypatch):
+    """No host-device synchronisation in a guided step: with no guidance interval, neither the wrapper nor the
+    toolkit's MLP asks a tensor for a Python bool or number (each would block on a GPU)."""
+    from nag_toolkit.models import build_model
+    from nag_toolkit.guidance import Denoiser, GuidedDenoiser
+    net = build_model('mlp', dim=4, width=16, depth=1, num_classes=3).eval()
+    g = GuidedDenoiser(Denoiser(net, 'linear'), w_cfg=1.0, w_nag=0.5)
+    x, t, y = torch.randn(5, 4), torch.full((5,), 0.5), torch.tensor([0, 1, 2, 0, 1])
+    g(x, t, y=y)                                               # warm-up (lazy initialisation may read values)
+    def refuse(*a): raise AssertionError('a tensor was read back to the host')
+    for name in ('__bool__', 'item', '__float__', '__int__'): monkeypatch.setattr(torch.Tensor, name, refuse)
+    with torch.no_grad(): g(x, t, y=y)
