@@ -4,7 +4,7 @@ PY ?= python3
 STAMP := .make/install.stamp
 KERNEL := nag-toolkit
 
-.PHONY: install demo test sync nbtest pytest docs docs-offline test-browser clean
+.PHONY: install demo test sync nbtest pytest docs docs-offline test-browser bench clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ test-browser: install
 	command -v chromium || (apt-get update && apt-get install -y chromium)
 	$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -e ".[browser]"
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/browser
+
+# Benchmarks: ratios measured in one run (not timed tests).
+bench: install
+	$(PY) bench/bench_sampling.py --threads 1
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_study.py
 
 clean:
 	rm -rf .make runs _docs _proc _site_offline
