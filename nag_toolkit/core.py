@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['ConfigError', 'check_choice', 'check_range', 'cli_errors', 'coerce', 'config_from_dict', 'first_line',
-           'read_yaml_mapping', 'as_t', 'expand_t', 'sample_seed', 'sample_generators', 'randn_per_sample']
+__all__ = ['CPU_ALLOCATOR_TUNED', 'ConfigError', 'check_choice', 'check_range', 'cli_errors', 'coerce', 'config_from_dict',
+           'first_line', 'read_yaml_mapping', 'as_t', 'expand_t', 'sample_seed', 'sample_generators',
+           'randn_per_sample', 'tune_cpu_allocator']
 
 # %% ../nbs/00_core.ipynb #a8a6e9ad
 class ConfigError(ValueError):
@@ -111,3 +112,19 @@ def randn_per_sample(shape, # shape of ONE sample
                      device='cpu', dtype=torch.float32)->torch.Tensor:
     "A batch `[len(generators), *shape]` of standard normals, row `i` drawn from `generators[i]`."
     return torch.stack([torch.randn(tuple(shape), generator=g, device=device, dtype=dtype) for g in generators])
+
+# %% ../nbs/00_core.ipynb #b89c7cb9
+import os, ctypes
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameter numbers (malloc.h)
+
+def tune_cpu_allocator(mmap_threshold:int=32 << 20, # blocks up to this size stay in the heap (glibc's maximum: 32 MiB)
+                       trim_threshold:int=256 << 20)->bool: # free heap kept before memory goes back to the OS
+    "Raise glibc's mmap and trim thresholds so large CPU tensors reuse memory; True where applied."
+    check_range('mmap_threshold', mmap_threshold, lo=0, hi=32 << 20)
+    check_range('trim_threshold', trim_threshold, lo=0, hi=(1 << 31) - 1)
+    if os.environ.get('NAG_TOOLKIT_MALLOC', '').lower() == 'default' or not sys.platform.startswith('linux'): return False
+    try: mallopt = ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError): return False    # not glibc (musl, ...)
+    return mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 and mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+
+CPU_ALLOCATOR_TUNED = tune_cpu_allocator()
