@@ -10,7 +10,7 @@ import torch
 
 # %% auto #0
 __all__ = ['CPU_ALLOCATOR_TUNED', 'ConfigError', 'check_choice', 'check_range', 'cli_errors', 'coerce', 'config_from_dict',
-           'first_line', 'read_yaml_mapping', 'as_t', 'expand_t', 'sample_seed', 'sample_generators',
+           'first_line', 'read_yaml_mapping', 'as_t', 'expand_t', 'shared_time', 'sample_seed', 'sample_generators',
            'randn_per_sample', 'tune_cpu_allocator']
 
 # %% ../nbs/00_core.ipynb #a8a6e9ad
@@ -87,7 +87,9 @@ def read_yaml_mapping(path, field:str='config')->dict:
 # %% ../nbs/00_core.ipynb #6a7b9405
 def as_t(t, x:torch.Tensor)->torch.Tensor:
     "`t` as a tensor of shape `[N]` (one per sample of `x`), on `x`'s device and dtype."
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if x.device.type != 'cpu' and (not torch.is_tensor(t) or (t.ndim == 0 and t.device.type == 'cpu')):
+        t = torch.full((), float(t), dtype=x.dtype, device=x.device)  # a host number is filled in on the device: no blocking copy
+    else: t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim == 0: t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],): raise ConfigError(f"t has shape {tuple(t.shape)}; allowed: a scalar or shape ({x.shape[0]},)")
     return t
@@ -95,6 +97,11 @@ def as_t(t, x:torch.Tensor)->torch.Tensor:
 def expand_t(t, x:torch.Tensor)->torch.Tensor:
     "`t` reshaped to `[N, 1, ..., 1]` so that it broadcasts against `x`."
     return as_t(t, x).reshape(-1, *([1] * (x.ndim - 1)))
+
+# %% ../nbs/00_core.ipynb #506afee6
+def shared_time(t:torch.Tensor)->bool:
+    "Whether `t` `[N]` is one time broadcast over the batch (an expanded view), known from its layout alone."
+    return t.ndim == 1 and t.shape[0] > 1 and t.stride(0) == 0
 
 # %% ../nbs/00_core.ipynb #80d05a8c
 def sample_seed(seed:int, index:int)->int:

@@ -5,7 +5,7 @@
 # %% ../nbs/06_guidance.ipynb #d7d3f2ef
 from __future__ import annotations
 import torch
-from .core import ConfigError, check_choice, check_range, as_t, expand_t
+from .core import ConfigError, check_choice, check_range, as_t, expand_t, shared_time
 from .interpolants import get_interpolant, PRED_KINDS
 from .analytic import GaussianMixture
 
@@ -136,7 +136,8 @@ def _forward(self:GuidedDenoiser, x, t, names, extra):
         user = extra.pop(key, None)                                               # the caller's own masks, kept
         masks[key] = mask(key) | (user.bool().repeat(B) if user is not None else False)
     rep = lambda v: v.repeat(B, *([1] * (v.ndim - 1))) if torch.is_tensor(v) and len(v) == n else v
-    out = self.den.native(rep(x), t.repeat(B), **{k: rep(v) for k, v in extra.items()}, **masks)
+    tt = t[:1].expand(B * n) if shared_time(t) else t.repeat(B)                 # a shared time stays shared
+    out = self.den.native(rep(x), tt, **{k: rep(v) for k, v in extra.items()}, **masks)
     return dict(zip(names, out.chunk(B)))
 
 def _call(self:GuidedDenoiser, x, t, **extra):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math
 import torch
-from .core import ConfigError, check_choice, as_t, expand_t
+from .core import ConfigError, check_choice, as_t, expand_t, shared_time
 
 # %% auto #0
 __all__ = ['PRED_KINDS', 'DIFFUSION_FORMS', 'INTERPOLANTS', 'linear_coefs', 'gvp_coefs', 'vp_coefs', 'DDPMSchedule', 'respace',
@@ -44,12 +44,19 @@ class DDPMSchedule:
         "alpha, sigma and their t-derivatives at continuous `t`."
         tt = t.double().clamp(0, 1) * self.T
         idx = tt.floor().clamp(max=self.T - 1).long()
-        lo, hi = self.log_abar_knots.to(t.device)[idx], self.log_abar_knots.to(t.device)[idx + 1]
+        knots = self._knots(t.device)
+        lo, hi = knots[idx], knots[idx + 1]
         la = lo + (tt - idx) * (hi - lo)   # log abar(t)
         d_la = (hi - lo) * self.T          # d log abar / dt
         a, s = torch.exp(la / 2), torch.sqrt(-torch.expm1(la))
         out = (a, s, a * d_la / 2, -torch.exp(la) * d_la / (2 * s))
         return tuple(o.to(t.dtype) for o in out)
+
+    def _knots(self, device):
+        "The log-abar knots on `device`, copied there once (a copy per call would block a GPU sampler every step)."
+        cache = self.__dict__.setdefault('_knots_on', {})
+        if device not in cache: cache[device] = self.log_abar_knots.to(device)
+        return cache[device]
 
     def step_to_t(self, k): return (torch.as_tensor(k, dtype=torch.float64) + 1) / self.T
     def t_to_step(self, t): return (torch.as_tensor(t, dtype=torch.float64) * self.T - 1).round().long().clamp(0, self.T - 1)
@@ -86,7 +93,18 @@ class Interpolant:
 
     def coefs_like(self, t, x):
         "(alpha, sigma, d_alpha, d_sigma) at `t`, each shaped to broadcast against `x`."
-        return tuple(c.reshape(-1, *([1] * (x.ndim - 1))) for c in self.coef_fn(as_t(t, x)))
+        t = as_t(t, x)
+        c = self._shared_coefs(t[:1]) if len(t) == 1 or shared_time(t) else self.coef_fn(t)
+        return tuple(v.reshape(-1, *([1] * (x.ndim - 1))) for v in c)
+
+    def _shared_coefs(self, t1):
+        "The coefficients at a time shared by the whole batch: computed once, and on CPU remembered by value."
+        if t1.device.type != 'cpu' or t1.requires_grad: return self.coef_fn(t1)   # never read a GPU tensor (no sync)
+        cache, key = self.__dict__.setdefault('_coef_cache', {}), (float(t1), t1.dtype)
+        if key not in cache:
+            if len(cache) >= 4096: cache.clear()
+            cache[key] = self.coef_fn(t1)
+        return cache[key]
 
 # %% ../nbs/01_interpolants.ipynb #3b0c9578
 def add_noise(self:Interpolant, x0, t, eps):
@@ -94,9 +112,9 @@ def add_noise(self:Interpolant, x0, t, eps):
     a, s, _, _ = self.coefs_like(t, x0)
     return a * x0 + s * eps
 
-def to_x0_eps(self:Interpolant, pred, x, t, kind:str):
+def to_x0_eps(self:Interpolant, pred, x, t, kind:str, coefs=None):
     "The pair `(x0, eps)` implied by a prediction of `kind` ('eps', 'x0', 'v' or 'score') at state `x`, time `t`."
-    a, s, da, ds = self.coefs_like(t, x)
+    a, s, da, ds = coefs or self.coefs_like(t, x)
     kind = check_choice('kind', kind, PRED_KINDS)
     if kind == 'x0': return pred, (x - a * pred) / s
     if kind == 'eps': return (x - s * pred) / a, pred
@@ -104,16 +122,17 @@ def to_x0_eps(self:Interpolant, pred, x, t, kind:str):
     det = a * ds - s * da  # kind == 'v': solve [a s; da ds] [x0; eps] = [x; v]
     return (ds * x - s * pred) / det, (a * pred - da * x) / det
 
-def from_x0_eps(self:Interpolant, x0, eps, x, t, kind:str):
+def from_x0_eps(self:Interpolant, x0, eps, x, t, kind:str, coefs=None):
     "The prediction of `kind` that corresponds to the pair `(x0, eps)` at time `t`."
-    a, s, da, ds = self.coefs_like(t, x)
+    a, s, da, ds = coefs or self.coefs_like(t, x)
     kind = check_choice('kind', kind, PRED_KINDS)
     return {'x0': lambda: x0, 'eps': lambda: eps, 'v': lambda: da * x0 + ds * eps, 'score': lambda: -eps / s}[kind]()
 
 def convert(self:Interpolant, pred, x, t, src:str, dst:str):
     "Convert a prediction of kind `src` into kind `dst` at state `x`, time `t`."
     if check_choice('src', src, PRED_KINDS) == check_choice('dst', dst, PRED_KINDS): return pred
-    return self.from_x0_eps(*self.to_x0_eps(pred, x, t, src), x, t, dst)
+    c = self.coefs_like(t, x)                                   # once for both halves
+    return self.from_x0_eps(*self.to_x0_eps(pred, x, t, src, c), x, t, dst, c)
 
 for f in (add_noise, to_x0_eps, from_x0_eps, convert): setattr(Interpolant, f.__name__, f)
 

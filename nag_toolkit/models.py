@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .core import ConfigError, check_choice, check_range, as_t, first_line
+from .core import ConfigError, check_choice, check_range, as_t, first_line, shared_time
 from .interpolants import PRED_KINDS
 
 # %% auto #0
@@ -83,7 +83,8 @@ class DenoiserNet(nn.Module):
     def condition(self, x, t, y=None, null_t=None, null_y=None)->torch.Tensor:
         "The conditioning vector `[N, hidden]`: t embedding (or the null-t vector) plus class embedding (or the null class)."
         t = as_t(t, x.new_empty(x.shape[0], 0, dtype=torch.float32))  # float32 even for half-precision x
-        c = self.t_embedder(self.timestep_input(t))
+        if shared_time(t): c = self.t_embedder(self.timestep_input(t[:1])).expand(len(t), -1)  # a sampler step: embed once
+        else: c = self.t_embedder(self.timestep_input(t))
         if null_t is not None:
             c = torch.where(_per_sample(null_t, x, torch.bool, 'null_t')[:, None], self.null_t_embedding.to(c.dtype), c)
         if not self.num_classes: return c

@@ -52,7 +52,11 @@ def _noise_stream(x, generators, chunk:int=16):
     if len(generators) != len(x): raise ConfigError(f"generators has {len(generators)} entries; allowed: one per sample ({len(x)})")
     buf = []
     def draw():
-        if not buf: buf.extend(randn_per_sample((chunk, *x.shape[1:]), generators, device=generators[0].device, dtype=x.dtype).to(x.device).unbind(1))
+        if not buf:
+            z = randn_per_sample((chunk, *x.shape[1:]), generators, device=generators[0].device, dtype=x.dtype)
+            if z.device != x.device:                      # CPU generators, GPU samples: a pinned copy that does not block
+                z = (z.pin_memory() if x.device.type == 'cuda' else z).to(x.device, non_blocking=True)
+            buf.extend(z.unbind(1))
         return buf.pop(0)
     return draw
 
@@ -124,14 +128,16 @@ def sample_ddpm(denoiser, # callable (x, t, **extra_args) -> x0_hat
     variance = check_choice('variance', variance, DDPM_VARIANCES)
     ts = time_grid(250, 'ddpm', path=path) if ts is None else ts
     path, extra_args, _, _ = _setup(path, extra_args, ts)
+    ts64 = torch.as_tensor(ts, dtype=torch.float64).cpu()
+    c_x, c_0, var_small, var_large = _posterior(path, ts64[:-1], ts64[1:])          # every step's coefficients at once
+    std = (var_small if variance == 'beta_tilde' else var_large).clamp(min=0).sqrt() * (ts64[1:] > 0)
+    c_x, c_0, std = c_x.tolist(), c_0.tolist(), std.tolist()                      # plain floats: no tensor work per step
     noise = _noise_stream(x, generators)
     for i in range(len(ts) - 1):
-        t, t_next = ts[i], ts[i + 1]
-        x0, info = _denoise(denoiser, x, t, extra_args)
-        c_x, c_0, var_small, var_large = (float(c) for c in _posterior(path, t.double(), t_next.double()))
-        x = c_x * x + c_0 * x0                                                     # posterior mean
-        if t_next > 0: x = x + math.sqrt(var_small if variance == 'beta_tilde' else var_large) * noise()
-        if callback: callback({'x': x, 'i': i, 't': t, 't_next': t_next, **info})
+        x0, info = _denoise(denoiser, x, ts[i], extra_args)
+        x = torch.add(x0 * c_0[i], x, alpha=c_x[i])                               # posterior mean
+        if std[i] > 0: x = x.add_(noise(), alpha=std[i])
+        if callback: callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **info})
     return x
 
 # %% ../nbs/04_samplers.ipynb #a6e92a79
@@ -142,15 +148,18 @@ def sample_ddim(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_
     "DDIM: step to `alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z`, `c = eta * sqrt(posterior variance)`."
     check_range('eta', eta, 0)
     path, extra_args, a, s = _setup(path, extra_args, ts)
+    ts64 = torch.as_tensor(ts, dtype=torch.float64).cpu()
+    c = eta * _posterior(path, ts64[:-1], ts64[1:])[2].clamp(min=0).sqrt() * (ts64[1:] > 0)   # each step's noise std
+    d = (s[1:].cpu()**2 - c**2).clamp(min=0).sqrt()                                # ... and its weight on the implied eps
+    a, s = a.cpu(), s.cpu()
+    # x_next = a' x0 + d eps with eps = (x - a x0) / s, i.e. (a' - d a / s) x0 + (d / s) x: two coefficients a step
+    k0, kx, c = (a[1:] - d * a[:-1] / s[:-1]).tolist(), (d / s[:-1]).tolist(), c.tolist()
     noise = _noise_stream(x, generators)
     for i in range(len(ts) - 1):
-        t, t_next = ts[i], ts[i + 1]
-        x0, info = _denoise(denoiser, x, t, extra_args)
-        eps = (x - float(a[i]) * x0) / float(s[i])                                  # the implied noise
-        c = eta * math.sqrt(float(_posterior(path, t.double(), t_next.double())[2])) if t_next > 0 else 0.0
-        x = float(a[i + 1]) * x0 + math.sqrt(max(float(s[i + 1])**2 - c**2, 0.0)) * eps
-        if c > 0: x = x + c * noise()
-        if callback: callback({'x': x, 'i': i, 't': t, 't_next': t_next, **info})
+        x0, info = _denoise(denoiser, x, ts[i], extra_args)
+        x = torch.add(x0 * k0[i], x, alpha=kx[i])
+        if c[i] > 0: x = x.add_(noise(), alpha=c[i])
+        if callback: callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **info})
     return x
 
 # %% ../nbs/04_samplers.ipynb #6598efcd
