@@ -44,10 +44,11 @@ test-browser: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/browser
 
 # Benchmarks: ratios measured in one run (not timed tests).
+# Writes bench/results.csv and bench/results.md (shown in README.md, regenerated here); about 15 min on 2 CPU cores.
 bench: install
-	$(PY) bench/bench_sampling.py --threads 1
-	$(PY) bench/bench_train.py
-	$(PY) bench/bench_study.py
+	$(PY) -c "import diffusers" 2>/dev/null || $(PY) -m pip install -e ".[bench]"
+	OMP_NUM_THREADS=1 $(PY) bench/run_all.py
+	$(PY) tools/make_readme.py
 
 clean:
 	rm -rf .make runs _docs _proc _site_offline

@@ -13,6 +13,9 @@ def render(nb_path):
         if cell.cell_type == 'markdown': out.append(src); continue
         if src.startswith('#|') and 'hide' in src.splitlines()[0]: continue
         outputs = shell.run(src)
+        markdown = [o['data']['text/markdown'] for o in outputs if 'text/markdown' in o.get('data', {})]
+        if markdown:                     # a cell that displays Markdown (the benchmark table) shows just that
+            out.extend(m if isinstance(m, str) else ''.join(m) for m in markdown); continue
         out.append(f'```python\n{src}\n```')
         text = [o.get('data', {}).get('text/plain') or o.get('text') for o in outputs]
         text = [t if isinstance(t, str) else ''.join(t) for t in text if t]

@@ -1,0 +1,104 @@
+"""Benchmark (not a test): how sampling scales with the number of samples and of steps, on CPU, with the toolkit's MLP
+denoiser, and whether sharded sampling's peak memory stays flat as the number of samples grows.
+
+Prints the machine, then one row per ratio (medians of interleaved repeats, measured in this one run):
+  1. time against the number of samples N at fixed steps: worst relative deviation from the least-squares line
+     a + b*N (goal <= 0.1), and the time per sample at the largest N over that at the middle N (goal <= 1.1);
+  2. time against the number of steps at fixed N: the same two rows (per step at 80 steps over per step at 20);
+  3. peak resident memory of `nag-toolkit sample` (a fresh process each, sharded, on a tiny trained checkpoint)
+     at a large N over a small N (goal <= 1.1); the shard files are checked to exist and to hold all the samples.
+Run: python bench/bench_scaling.py [--quick] [--threads N]      (about 90 s; --quick about 20 s, on 2 CPU cores)
+"""
+import argparse, math, os, subprocess, sys, tempfile
+from pathlib import Path
+import torch
+from nag_toolkit.models import build_model
+from nag_toolkit.guidance import Denoiser
+from nag_toolkit.samplers import sample_euler, time_grid
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median_times, row, machine, print_rows
+
+DIM, CLASSES = 32, 10
+
+def linear_fit(xs, ys)->tuple:
+    "Least-squares (a, b) of y = a + b*x, and the worst |y - fit| / y."
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    return a, b, max(abs(y - (a + b * x)) / y for x, y in zip(xs, ys))
+
+def sampling_times(sizes, steps, repeats, warmup)->dict:
+    "Median seconds of one unguided Euler run for each (N, steps) in `sizes` x `steps` (one of them a single value)."
+    torch.manual_seed(0)
+    den = Denoiser(build_model('mlp', dim=DIM, width=256, depth=3, num_classes=CLASSES).eval(), 'linear')
+    def run(n, s):
+        x, y, ts = torch.randn(n, DIM), torch.randint(0, CLASSES, (n,)), time_grid(s, t_max=1.0)
+        return lambda: sample_euler(den, x, ts, 'linear', extra_args={'y': y})
+    with torch.no_grad():
+        return median_times({(n, s): run(n, s) for n in sizes for s in steps}, repeats, warmup)
+
+def scaling_rows(what:str, xs, times:list, unit:str, fixed:str, mid, top)->list:
+    "The linear-fit row and the per-`unit` cost ratio (at `what`=`top` over at `mid`) of `times` against `xs`."
+    a, b, dev = linear_fit(xs, times)
+    per = dict(zip(xs, (t / x for x, t in zip(xs, times))))
+    return [row(f'sampling time vs {what} ({fixed}): worst deviation from a + b*{what}', dev, '<= 0.1',
+                detail=f"(per {unit} at {what}={top}: {per[top] * 1e6:.1f} us of the whole run; intercept a = {a * 1e3:.2f} ms; "
+                       f"times at {what}={', '.join(map(str, xs))}: {', '.join(f'{t * 1e3:.1f}' for t in times)} ms)"),
+            row(f'time per {unit} at {what}={top} / at {what}={mid}', per[top] / per[mid], '<= 1.1',
+                detail=f"({per[top] * 1e6:.1f} / {per[mid] * 1e6:.1f} us)")]
+
+def peak_rss_mib(cmd:list, log:Path)->float:
+    "Peak resident memory (MiB) of `cmd` run as a fresh child process: its own ru_maxrss (KiB on Linux) from wait4."
+    env = {**os.environ, 'OMP_NUM_THREADS': str(torch.get_num_threads())}
+    with open(log, 'w') as f: p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    _, status, usage = os.wait4(p.pid, 0)                          # reaps it ourselves: this child's usage alone
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode: raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read_text()[-2000:]}")
+    return usage.ru_maxrss / 1024
+
+def memory_rows(sizes, shard=256, batch=256, steps=4)->list:
+    "Peak RSS of `nag-toolkit sample` at the largest N over the smallest, on a checkpoint trained for 20 steps."
+    from nag_toolkit.sample import shard_count
+    cli = [sys.executable, '-m', 'nag_toolkit.cli']
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        peak_rss_mib(cli + ['train', '--dataset', 'gmm32', '--steps', '20', '--batch-size', '64', '--ckpt-every', '20',
+                            '--device', 'cpu', '--out', str(d / 'run')], d / 'train.log')
+        base = peak_rss_mib([sys.executable, '-c', 'import nag_toolkit.cli, nag_toolkit.sample'], d / 'import.log')
+        peak, shards = {}, {}
+        for n in sizes:
+            out = d / f'samples_{n}'
+            peak[n] = peak_rss_mib(cli + ['sample', '--checkpoint', str(d / 'run'), '--out', str(out), '--num-samples', str(n),
+                                          '--shard-size', str(shard), '--batch-size', str(batch), '--steps', str(steps),
+                                          '--device', 'cpu'], d / 'sample.log')
+            files = sorted(out.glob('shard_*.npz'))                 # so that a silent no-op cannot pass as flat memory
+            shards[n] = len(files)
+            if shards[n] != math.ceil(n / shard) or sum(shard_count(f) for f in files) != n:
+                raise RuntimeError(f"N={n}: expected {math.ceil(n / shard)} shards holding {n} samples, found {shards[n]} in {out}")
+    lo, hi = sizes[0], sizes[-1]
+    return [row(f'peak RSS of nag-toolkit sample, N={hi} / N={lo}', peak[hi] / peak[lo], '<= 1.1',
+                detail=f"({peak[hi]:.1f} / {peak[lo]:.1f} MiB, {shards[hi]} / {shards[lo]} shards of {shard}; "
+                       f"growth {peak[hi] - peak[lo]:+.1f} MiB; importing alone {base:.1f} MiB; "
+                       f"all {hi} samples as float32: {hi * DIM * 4 / 2**20:.2f} MiB)")]
+
+def rows(quick:bool=False)->list:
+    "The benchmark's rows; `quick` uses fewer repeats and smaller N in the memory rows."
+    repeats, warmup = (3, 1) if quick else (15, 2)
+    # N starts at 128: below that a forward's fixed cost (about 1 ms) dominates and bends the line at its start
+    ns, steps, n_fixed, s_fixed = (128, 256, 512, 1024, 2048), (5, 10, 20, 40, 80), 256, 20
+    t = sampling_times(ns, (s_fixed,), repeats, warmup)
+    out = scaling_rows('N', ns, [t[n, s_fixed] for n in ns], 'sample', f'{s_fixed} steps', 512, 2048)
+    t = sampling_times((n_fixed,), steps, repeats, warmup)
+    out += scaling_rows('steps', steps, [t[n_fixed, s] for s in steps], 'step', f'N={n_fixed}', 20, 80)
+    return out + memory_rows((256, 2048) if quick else (512, 16384))
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--quick', action='store_true', help='fewer repeats, smaller N for memory (about 20 s)')
+    ap.add_argument('--threads', type=int, default=1, help='torch threads (also given to the sampling subprocesses)')
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(machine())
+    print_rows(rows(a.quick))
+
+if __name__ == '__main__': main()
