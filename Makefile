@@ -6,7 +6,10 @@ KERNEL := nag-toolkit
 
 .PHONY: install demo test sync nbtest pytest docs docs-offline test-browser bench clean
 
-install: $(STAMP)
+# The stamp alone is not trusted: a fresh Python environment under an old checkout reinstalls.
+install:
+	@$(PY) -c "import importlib.metadata as m; m.version('nag_toolkit')" 2>/dev/null || rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
 
 $(STAMP): setup.py settings.ini
 	@mkdir -p .make

@@ -5,7 +5,7 @@
 2. CPU throughput (steps/s, samples/s) of the mixture and digits trainings.
 The DiT-XL/2 training step on a GPU is in bench/bench_gpu.py.
 
-    python bench/bench_train.py [--repeats 5] [--steps 20] [--quick]
+    python bench/bench_train.py [--repeats 11] [--steps 20] [--quick]
 """
 import argparse, statistics, sys, tempfile, time
 from pathlib import Path
@@ -37,7 +37,7 @@ def dropout_ratio(dataset, model, batch, steps, repeats, **opts):
     med = {p: statistics.median(v) for p, v in times.items()}
     return med[0.0] / med[0.1], med
 
-def rows(quick:bool=False, steps:int=20, repeats:int=5)->list:
+def rows(quick:bool=False, steps:int=20, repeats:int=11)->list:
     "The dropout throughput ratio and the CPU throughput, for the mixture MLP and the digits U-Net."
     if quick: steps, repeats = 5, 3
     out = []
@@ -51,7 +51,7 @@ def rows(quick:bool=False, steps:int=20, repeats:int=5)->list:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--repeats', type=int, default=5); ap.add_argument('--steps', type=int, default=20)
+    ap.add_argument('--repeats', type=int, default=11); ap.add_argument('--steps', type=int, default=20)
     ap.add_argument('--quick', action='store_true')
     a = ap.parse_args()
     print(machine()); print_rows(rows(a.quick, a.steps, a.repeats))

@@ -130,15 +130,22 @@ def _forward(self:GuidedDenoiser, x, t, names, extra):
     "Native outputs of the named branches from ONE forward of the repeated batch: {name: [N, ...]}."
     if names == ['cond']: return {'cond': self.den.native(x, t, **extra)}
     extra, n, B = dict(extra), len(x), len(names)
-    mask = lambda name: torch.cat([torch.full((n,), b == name, dtype=torch.bool, device=x.device) for b in names])
     masks = {}
     for key in ('null_t', 'null_y'):
-        user = extra.pop(key, None)                                               # the caller's own masks, kept
-        masks[key] = mask(key) | (user.bool().repeat(B) if user is not None else False)
+        user, m = extra.pop(key, None), self._branch_mask(key, names, n, x.device)
+        masks[key] = m if user is None else m | user.bool().repeat(B)            # the caller's own masks, kept
     rep = lambda v: v.repeat(B, *([1] * (v.ndim - 1))) if torch.is_tensor(v) and len(v) == n else v
     tt = t[:1].expand(B * n) if shared_time(t) else t.repeat(B)                 # a shared time stays shared
     out = self.den.native(rep(x), tt, **{k: rep(v) for k, v in extra.items()}, **masks)
     return dict(zip(names, out.chunk(B)))
+
+def _branch_mask(self:GuidedDenoiser, key, names, n, device):
+    "Which rows of the repeated batch are the branch `key`; made once per batch size (not every step)."
+    cache = self.__dict__.setdefault('_masks', {})
+    k = (key, tuple(names), n, device)
+    if k not in cache:
+        cache[k] = torch.cat([torch.full((n,), b == key, dtype=torch.bool, device=device) for b in names])
+    return cache[k]
 
 def _call(self:GuidedDenoiser, x, t, **extra):
     "The guided x0 estimate; the branch outputs are kept in `last_branches`."
@@ -152,7 +159,7 @@ def _call(self:GuidedDenoiser, x, t, **extra):
     self.last_branches = {**out, 'guided': mixed}
     return self.den.to_x0(mixed, x, t)
 
-GuidedDenoiser._forward, GuidedDenoiser.__call__ = _forward, _call
+GuidedDenoiser._forward, GuidedDenoiser._branch_mask, GuidedDenoiser.__call__ = _forward, _branch_mask, _call
 
 # %% ../nbs/06_guidance.ipynb #1f59887e
 def interp_log_posterior(log_p, # log-probabilities over the grid, [N, G]

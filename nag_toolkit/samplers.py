@@ -81,12 +81,19 @@ def sample_euler(denoiser, # callable (x, t, **extra_args) -> x0_hat
                  callback=None): # called with a dict after every step
     "Euler's method on the probability-flow ODE."
     path, extra_args = get_interpolant(path), extra_args or {}
+    kx, k0 = _euler_coefs(path, ts)
     for i in range(len(ts) - 1):
-        t, t_next = ts[i], ts[i + 1]
-        x0, d, info = _velocity(denoiser, x, t, path, extra_args)
-        x = x + (t_next - t).to(x.dtype) * d  # one Euler step in t
-        if callback: callback({'x': x, 'i': i, 't': t, 't_next': t_next, **info})
+        x0, info = _denoise(denoiser, x, ts[i], extra_args)
+        x = torch.add(x0 * k0[i], x, alpha=kx[i])     # x + h v, with v the velocity that x0 implies at (x, t)
+        if callback: callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **info})
     return x
+
+def _euler_coefs(path, ts):
+    "Per step, (kx, k0) with `x + h v = kx x + k0 x0` (v = a' x0 + s' eps, eps = (x - a x0) / s), as host floats."
+    t = torch.as_tensor(ts, dtype=torch.float64).cpu()
+    a, s, da, ds = path.coefs(t[:-1])
+    h = t[1:] - t[:-1]
+    return (1 + h * ds / s).tolist(), (h * (da - ds * a / s)).tolist()
 
 @torch.no_grad()
 def sample_heun(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_args:dict|None=None, callback=None):
