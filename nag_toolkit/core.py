@@ -10,8 +10,8 @@ import torch
 
 # %% auto #0
 __all__ = ['CPU_ALLOCATOR_TUNED', 'ConfigError', 'check_choice', 'check_range', 'cli_errors', 'coerce', 'config_from_dict',
-           'first_line', 'read_yaml_mapping', 'as_t', 'expand_t', 'shared_time', 'sample_seed', 'sample_generators',
-           'randn_per_sample', 'tune_cpu_allocator']
+           'first_line', 'read_yaml_mapping', 'as_t', 'expand_t', 'shared_time', 'host_time', 'sample_seed',
+           'sample_generators', 'randn_per_sample', 'tune_cpu_allocator']
 
 # %% ../nbs/00_core.ipynb #a8a6e9ad
 class ConfigError(ValueError):
@@ -102,6 +102,13 @@ def expand_t(t, x:torch.Tensor)->torch.Tensor:
 def shared_time(t:torch.Tensor)->bool:
     "Whether `t` `[N]` is one time broadcast over the batch (an expanded view), known from its layout alone."
     return t.ndim == 1 and t.shape[0] > 1 and t.stride(0) == 0
+
+# %% ../nbs/00_core.ipynb #da8864d7
+def host_time(t)->float|None:
+    "The value of `t` when it is a host number (a Python number or a 0-dim CPU tensor), else None."
+    if isinstance(t, (int, float)) and not isinstance(t, bool): return float(t)
+    if torch.is_tensor(t) and t.ndim == 0 and t.device.type == 'cpu': return float(t)
+    return None
 
 # %% ../nbs/00_core.ipynb #80d05a8c
 def sample_seed(seed:int, index:int)->int:

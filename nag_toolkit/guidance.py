@@ -5,12 +5,12 @@
 # %% ../nbs/06_guidance.ipynb #d7d3f2ef
 from __future__ import annotations
 import torch
-from .core import ConfigError, check_choice, check_range, as_t, expand_t, shared_time
+from .core import ConfigError, check_choice, check_range, as_t, expand_t, shared_time, host_time
 from .interpolants import get_interpolant, PRED_KINDS
 from .analytic import GaussianMixture
 
 # %% auto #0
-__all__ = ['nag_mix', 'Denoiser', 't_marginal_prediction', 'MixtureModel', 'in_interval', 'GuidedDenoiser',
+__all__ = ['nag_mix', 'Denoiser', 't_marginal_prediction', 'MixtureModel', 'in_interval', 'step_on', 'GuidedDenoiser',
            'interp_log_posterior', 'ClassifierNAG', 'EpsScaling', 'TimeShift', 'Autoguidance']
 
 # %% ../nbs/06_guidance.ipynb #3f572604
@@ -23,6 +23,7 @@ def nag_mix(cond, # the conditional output, f(c, t)
 # %% ../nbs/06_guidance.ipynb #f62f5e54
 class Denoiser:
     "A network `model(x, t, y=None, null_t=None, null_y=None)` of native kind `pred`, as the samplers' x0 denoiser."
+    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, model, # the network (any callable with that interface)
                  path, # the path it was trained on (name or Interpolant)
                  pred:str|None=None): # its native prediction; None: `model.pred`
@@ -96,6 +97,14 @@ def in_interval(t, # per-sample times [N]
     if interval is None: return torch.ones_like(t, dtype=torch.bool)
     return (t >= interval[0]) & (t <= interval[1])
 
+def step_on(t, interval, path=None, extra=None)->bool|None:
+    "For a step time given as a host number: whether the whole batch is on (inside `interval`, alpha(t) > 0, `extra(t)`); None for per-sample t."
+    h = host_time(t)
+    if h is None: return None
+    if interval is not None and not (interval[0] <= h <= interval[1]): return False
+    if path is not None and not float(path.alpha(torch.tensor(h, dtype=torch.float64))) > 0: return False
+    return True if extra is None else bool(extra(h))
+
 def _col(mask, x):
     "A per-sample boolean mask [N] shaped to broadcast against `x`."
     return mask.reshape(-1, *([1] * (x.ndim - 1)))
@@ -108,6 +117,7 @@ def _keep_channels(d, channels):
 # %% ../nbs/06_guidance.ipynb #c4ffdc31
 class GuidedDenoiser:
     "CFG and classifier-free NAG around a `Denoiser`, mixed in its native output, with all branches in ONE forward."
+    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, denoiser:Denoiser, # the network's denoiser (see `Denoiser`)
                  w_cfg:float=0.0, # class guidance weight (DiT's cfg_scale - 1)
                  w_nag:float=0.0, # noise awareness guidance weight
@@ -149,13 +159,15 @@ def _branch_mask(self:GuidedDenoiser, key, names, n, device):
 
 def _call(self:GuidedDenoiser, x, t, **extra):
     "The guided x0 estimate; the branch outputs are kept in `last_branches`."
+    whole = step_on(t, self.interval)                       # a sampler's step: inside or not, known on the host
     t = as_t(t, x)
     on = in_interval(t, self.interval)
-    out = self._forward(x, t, self.branches(on), extra)
+    names = self.branches(on) if whole is None else ['cond'] + ([n for n, w in (('null_y', self.w_cfg), ('null_t', self.w_nag)) if w != 0] if whole else [])
+    out = self._forward(x, t, names, extra)
     cond = mixed = out['cond']
     if 'null_y' in out: mixed = mixed + self.w_cfg * _keep_channels(cond - out['null_y'], self.cfg_channels)
     if 'null_t' in out: mixed = mixed + self.w_nag * (cond - out['null_t'])
-    if len(out) > 1 and self.interval is not None: mixed = torch.where(_col(on, x), mixed, cond)
+    if len(out) > 1 and self.interval is not None and whole is None: mixed = torch.where(_col(on, x), mixed, cond)
     self.last_branches = {**out, 'guided': mixed}
     return self.den.to_x0(mixed, x, t)
 
@@ -177,6 +189,7 @@ def interp_log_posterior(log_p, # log-probabilities over the grid, [N, G]
 # %% ../nbs/06_guidance.ipynb #c667a6ac
 class ClassifierNAG:
     "Classifier-based NAG: the denoiser's score plus `w * grad_x log g(t | x)` at the scheduled t, back to x0."
+    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, denoiser, # any x0 denoiser
                  w:float, # guidance weight
                  g=None, # g(x, t_grid) -> probabilities [N, G] ...
@@ -204,34 +217,39 @@ class ClassifierNAG:
 # %% ../nbs/06_guidance.ipynb #e6f7827a
 def _cnag_call(self:ClassifierNAG, x, t, **extra):
     "The guided x0 estimate (the unguided one where the weight is 0, outside the interval or where alpha = 0)."
+    whole = step_on(t, self.interval, self.path)
     t = as_t(t, x)
     x0 = self.den(x, t, **extra)
     on = in_interval(t, self.interval) & (self.path.alpha(t) > 0)
     self.last_branches = {'denoised': x0}
-    if self.w == 0 or not bool(on.any()): return x0
+    if self.w == 0 or whole is False or (whole is None and not bool(on.any())): return x0
     grad = self.grad(x, t)
     score = self.path.convert(x0, x, t, 'x0', 'score') + self.w * grad
     self.last_branches['grad_log_g'] = grad
-    return torch.where(_col(on, x), self.path.convert(score, x, t, 'score', 'x0'), x0)
+    guided = self.path.convert(score, x, t, 'score', 'x0')
+    return guided if whole else torch.where(_col(on, x), guided, x0)
 
 ClassifierNAG.__call__ = _cnag_call
 
 # %% ../nbs/06_guidance.ipynb #30a9249b
 class EpsScaling:
     "Epsilon scaling: divide the denoiser's implied eps by `lambda_t = k * t + b` (ADM-ES), x0 from the scaled eps."
+    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, denoiser, k:float=0.0, b:float=1.005, path=None, interval=None):
         self.den, self.k, self.b, self.interval = denoiser, k, b, interval
         self.path = get_interpolant(path if path is not None else denoiser.path)
 
     def __call__(self, x, t, **extra):
+        whole = step_on(t, self.interval, self.path, lambda h: self.k * h + self.b != 1)
         t = as_t(t, x)
         x0 = self.den(x, t, **extra)
+        if whole is False: return x0
         a, s, _, _ = self.path.coefs_like(t, x)
         lam = self.k * t + self.b
         on = (lam != 1) & in_interval(t, self.interval) & (self.path.alpha(t) > 0)
-        if not bool(on.any()): return x0
+        if whole is None and not bool(on.any()): return x0
         eps = (x - a * x0) / s / expand_t(lam, x)                                   # scaled noise estimate
-        return torch.where(_col(on, x), (x - s * eps) / a, x0)
+        return (x - s * eps) / a if whole else torch.where(_col(on, x), (x - s * eps) / a, x0)
 
 # %% ../nbs/06_guidance.ipynb #753407ef
 class TimeShift:
@@ -262,16 +280,19 @@ class TimeShift:
 # %% ../nbs/06_guidance.ipynb #6aa1a66a
 class Autoguidance:
     "Autoguidance: `f_good + w (f_good - f_weak)` with a weaker model as the negative branch, in native outputs."
+    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, good:Denoiser, weak:Denoiser, w:float, interval=None):
         self.good, self.weak, self.w, self.interval, self.last_branches = good, weak, w, interval, None
 
     def __call__(self, x, t, **extra):
+        whole = step_on(t, self.interval)
         t = as_t(t, x)
         f_good = self.good.native(x, t, **extra)
         on = in_interval(t, self.interval)
         self.last_branches = {'good': f_good}
-        if self.w == 0 or not bool(on.any()): return self.good.to_x0(f_good, x, t)
+        if self.w == 0 or whole is False or (whole is None and not bool(on.any())): return self.good.to_x0(f_good, x, t)
         f_weak = self.weak.path.convert(self.weak.native(x, t, **extra), x, t, self.weak.pred, self.good.pred)
-        mixed = torch.where(_col(on, x), f_good + self.w * (f_good - f_weak), f_good)
+        mixed = f_good + self.w * (f_good - f_weak)
+        if whole is None: mixed = torch.where(_col(on, x), mixed, f_good)
         self.last_branches.update(weak=f_weak, guided=mixed)
         return self.good.to_x0(mixed, x, t)

@@ -41,7 +41,9 @@ def sde_grid(n:int=250, # number of steps, the last one included (SiT's num_samp
 # %% ../nbs/04_samplers.ipynb #8b2e1c9d
 def _denoise(denoiser, x, t, extra_args):
     "The denoiser's x0 estimate at `(x, t)` and the callback fields it provides (`denoised`, maybe `branches`)."
-    x0 = denoiser(x, as_t(t, x), **extra_args)
+    # the toolkit's own denoisers take the step's time as the host number it is (guidance intervals are then decided
+    # without reading the device); any other callable gets one time per sample, as the interface promises
+    x0 = denoiser(x, t if getattr(denoiser, 'host_time_ok', False) else as_t(t, x), **extra_args)
     info = {'denoised': x0}
     if (b := getattr(denoiser, 'last_branches', None)) is not None: info['branches'] = b
     return x0, info

@@ -252,3 +252,30 @@ def test_the_audit_catches_a_read_and_a_blocking_copy():
         try: x.sum().item()
         except Exception: pass         # meta tensors have no value to read; the attempt is what counts
     assert any('copy' in e for e in audit.events) and any('read' in e for e in audit.events), audit.events
+
+@pytest.mark.parametrize('wrapper', ['interval', 'eps_scaling', 'autoguidance'])
+def test_interval_and_peer_wrappers_never_sync_in_a_sampling_loop(wrapper):
+    """Guidance intervals and the peer fixes decide 'inside or not' from the step's time, which samplers pass as a
+    host number: still no read of a device tensor and no blocking copy in the loop (both inside and outside)."""
+    from nag_toolkit.models import build_model
+    from nag_toolkit.guidance import Denoiser, GuidedDenoiser, EpsScaling, Autoguidance
+    from nag_toolkit.samplers import sample_euler, time_grid
+    mk = lambda w: Denoiser(build_model('mlp', dim=4, width=w, depth=1, num_classes=3).eval().to('meta'), 'linear')
+    den = {'interval': lambda: GuidedDenoiser(mk(16), w_cfg=1.0, w_nag=0.5, interval=(0.2, 0.6)),
+           'eps_scaling': lambda: EpsScaling(mk(16), k=0.0, b=1.005, interval=(0.2, 0.6)),
+           'autoguidance': lambda: Autoguidance(mk(16), mk(8), w=0.5, interval=(0.2, 0.6))}[wrapper]()
+    x, y = torch.empty(6, 4, device='meta'), torch.zeros(6, dtype=torch.long, device='meta')
+    with torch.no_grad(): events = _audit(lambda: sample_euler(den, x, time_grid(8), 'linear', extra_args={'y': y}))
+    assert events == [], events
+
+def test_interval_guidance_decided_on_the_host_equals_the_per_sample_masks():
+    "A step time given as a host number and the same time stored per sample give the same guided estimate."
+    from nag_toolkit.models import build_model
+    from nag_toolkit.guidance import Denoiser, GuidedDenoiser, EpsScaling
+    torch.manual_seed(0)
+    den = Denoiser(build_model('mlp', dim=4, width=16, depth=1, num_classes=3).eval(), 'linear')
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    for w in (GuidedDenoiser(den, w_cfg=1.0, w_nag=0.5, interval=(0.2, 0.6)), EpsScaling(den, k=0.1, b=1.0, interval=(0.2, 0.6))):
+        for t in (0.1, 0.4, 0.9):
+            with torch.no_grad():
+                torch.testing.assert_close(w(x, torch.tensor(t, dtype=torch.float64), y=y), w(x, torch.full((5,), t), y=y))
