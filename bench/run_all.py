@@ -5,6 +5,7 @@ whether it was met; the Markdown names the machine. README.md shows bench/result
 `make bench` ends by regenerating the README. A GPU adds bench/bench_gpu.py's rows.
 
     python bench/run_all.py [--quick] [--skip study,peer,...] [--out bench]
+    python bench/run_all.py --render      # rewrite results.md from results.csv and results.json (no measuring)
 """
 import argparse, csv, datetime, json, os, subprocess, sys, time
 from pathlib import Path
@@ -37,7 +38,8 @@ def markdown(rows:list, where:str, when:str, secs:float)->str:
     met = {True: 'yes', False: '**no**', None: ''}
     lines = [f"Measured {when} by `make bench` in {secs / 60:.0f} min on: {where}.", '',
              '| benchmark | measured | goal | met | detail |', '|---|---|---|---|---|']
-    lines += [f"| {r['benchmark']} | {fmt(r)} | {r['goal']} | {met[r['met']]} | {r['detail']} |" for r in rows]
+    cell = lambda v: str(v).replace('|', '\\|')                      # a '|' inside a cell would split it
+    lines += [f"| {cell(r['benchmark'])} | {fmt(r)} | {r['goal']} | {met[r['met']]} | {cell(r['detail'])} |" for r in rows]
     return '\n'.join(lines) + '\n'
 
 def main():
@@ -45,7 +47,14 @@ def main():
     ap.add_argument('--quick', action='store_true', help='fewer repeats and smaller sizes (a smoke run)')
     ap.add_argument('--skip', default='', help=f"comma-separated sections to leave out, of: {', '.join(SECTIONS)}")
     ap.add_argument('--out', default=str(HERE), help='folder for results.csv and results.md')
+    ap.add_argument('--render', action='store_true', help='measure nothing: rewrite results.md from results.csv and results.json')
     a = ap.parse_args()
+    out = Path(a.out)
+    if a.render:
+        rows = [dict(r, measured=float(r['measured']), met={'True': True, 'False': False}.get(r['met']))
+                for r in csv.DictReader(open(out / 'results.csv'))]
+        meta = json.loads((out / 'results.json').read_text())
+        (out / 'results.md').write_text(markdown(rows, meta['machine'], meta['date'], meta['seconds'])); return
     skip = {s for s in a.skip.split(',') if s}
     if bad := skip - set(SECTIONS): sys.exit(f"--skip has {sorted(bad)}; allowed: {', '.join(SECTIONS)}")
     torch.set_num_threads(1)                 # steadier on a shared machine; every ratio compares like with like
@@ -57,12 +66,14 @@ def main():
         print(f'--- {name}: {what}', flush=True)
         got = fn(a.quick); print_rows(got); rows += got
     secs = time.perf_counter() - t0
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / 'results.csv', 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=['benchmark', 'measured', 'unit', 'goal', 'met', 'detail'])
         w.writeheader(); w.writerows(rows)
-    when = datetime.date.today().isoformat()
-    (out / 'results.md').write_text(markdown(rows, where + ('' if torch.cuda.is_available() else '; the GPU rows need bench/bench_gpu.py on a GPU'), when, secs))
+    meta = {'machine': where + ('' if torch.cuda.is_available() else '; the GPU rows need bench/bench_gpu.py on a GPU'),
+            'date': datetime.date.today().isoformat(), 'seconds': secs}
+    (out / 'results.json').write_text(json.dumps(meta, indent=1))
+    (out / 'results.md').write_text(markdown(rows, meta['machine'], meta['date'], secs))
     missed = [r['benchmark'] for r in rows if r['met'] is False]
     print(f"wrote {out / 'results.csv'} and {out / 'results.md'} ({len(rows)} rows, {secs:.0f} s); goals missed: {len(missed)}")
     for m in missed: print('  missed:', m)
