@@ -48,15 +48,6 @@ def scaling_rows(what:str, xs, times:list, unit:str, fixed:str, mid, top)->list:
             row(f'time per {unit} at {what}={top} / at {what}={mid}', per[top] / per[mid], '<= 1.1',
                 detail=f"({per[top] * 1e6:.1f} / {per[mid] * 1e6:.1f} us)")]
 
-def peak_rss_mib(cmd:list, log:Path)->float:
-    "Peak resident memory (MiB) of `cmd` run as a fresh child process: its own ru_maxrss (KiB on Linux) from wait4."
-    env = {**os.environ, 'OMP_NUM_THREADS': str(torch.get_num_threads())}
-    with open(log, 'w') as f: p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(p.pid, 0)                          # reaps it ourselves: this child's usage alone
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode: raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read_text()[-2000:]}")
-    return usage.ru_maxrss / 1024
-
 # A child process imports the toolkit, resets the kernel's peak-RSS mark (/proc/self/clear_refs, "5"), runs the
 # sample command in process and reports its resident memory then and its peak since the reset: the growth is what
 # sampling itself holds at its worst, without the import's transient peak (which alone is larger than sampling's).
@@ -86,8 +77,8 @@ def memory_rows(sizes, shard=256, batch=256, steps=4, repeats=3)->list:
     cli = [sys.executable, '-m', 'nag_toolkit.cli']
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        peak_rss_mib(cli + ['train', '--dataset', 'gmm32', '--steps', '20', '--batch-size', '64', '--ckpt-every', '20',
-                            '--device', 'cpu', '--out', str(d / 'run')], d / 'train.log')
+        subprocess.run(cli + ['train', '--dataset', 'gmm32', '--steps', '20', '--batch-size', '64', '--ckpt-every', '20',
+                              '--device', 'cpu', '--out', str(d / 'run')], check=True, capture_output=True)
         growth, shards = {}, {}
         for n in sizes:
             growth[n] = []

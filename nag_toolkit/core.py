@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #68eca160
 from __future__ import annotations
-import sys, functools, dataclasses
+import os, sys, ctypes, functools, dataclasses
 from pathlib import Path
 import torch
 
@@ -128,7 +128,6 @@ def randn_per_sample(shape, # shape of ONE sample
     return torch.stack([torch.randn(tuple(shape), generator=g, device=device, dtype=dtype) for g in generators])
 
 # %% ../nbs/00_core.ipynb #b89c7cb9
-import os, ctypes
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameter numbers (malloc.h)
 
 def tune_cpu_allocator(mmap_threshold:int=32 << 20, # blocks up to this size stay in the heap (glibc's maximum: 32 MiB)

@@ -5,7 +5,7 @@
 # %% ../nbs/06_guidance.ipynb #d7d3f2ef
 from __future__ import annotations
 import torch
-from .core import ConfigError, check_choice, check_range, as_t, expand_t, shared_time, host_time
+from .core import ConfigError, check_choice, as_t, expand_t, shared_time, host_time
 from .interpolants import get_interpolant, PRED_KINDS
 from .analytic import GaussianMixture
 
@@ -127,10 +127,11 @@ class GuidedDenoiser:
         self.den, self.w_cfg, self.w_nag, self.interval, self.cfg_channels = denoiser, w_cfg, w_nag, interval, cfg_channels
         self.last_branches = None
 
-    def branches(self, on):
-        "Names of the branches to evaluate, given the mask of samples inside the interval."
+    def branches(self, on, whole=None):
+        "Names of the branches to evaluate: `whole` says whether the whole batch is inside (None: read the mask `on`)."
         extra = [name for name, w in (('null_y', self.w_cfg), ('null_t', self.w_nag)) if w != 0]
-        if self.interval is None: return ['cond'] + extra          # no mask to read: no host-device sync
+        if whole is not None: return ['cond'] + (extra if whole else [])   # decided on the host
+        if self.interval is None: return ['cond'] + extra                  # no mask to read: no host-device sync
         return ['cond'] + (extra if bool(on.any()) else [])
 
     def __repr__(self): return f"GuidedDenoiser(w_cfg={self.w_cfg}, w_nag={self.w_nag}, interval={self.interval}, cfg_channels={self.cfg_channels})"
@@ -161,13 +162,12 @@ def _call(self:GuidedDenoiser, x, t, **extra):
     "The guided x0 estimate; the branch outputs are kept in `last_branches`."
     whole = step_on(t, self.interval)                       # a sampler's step: inside or not, known on the host
     t = as_t(t, x)
-    on = in_interval(t, self.interval)
-    names = self.branches(on) if whole is None else ['cond'] + ([n for n, w in (('null_y', self.w_cfg), ('null_t', self.w_nag)) if w != 0] if whole else [])
-    out = self._forward(x, t, names, extra)
+    on = in_interval(t, self.interval) if whole is None and self.interval is not None else None   # per-sample times only
+    out = self._forward(x, t, self.branches(on, whole), extra)
     cond = mixed = out['cond']
     if 'null_y' in out: mixed = mixed + self.w_cfg * _keep_channels(cond - out['null_y'], self.cfg_channels)
     if 'null_t' in out: mixed = mixed + self.w_nag * (cond - out['null_t'])
-    if len(out) > 1 and self.interval is not None and whole is None: mixed = torch.where(_col(on, x), mixed, cond)
+    if len(out) > 1 and on is not None: mixed = torch.where(_col(on, x), mixed, cond)
     self.last_branches = {**out, 'guided': mixed}
     return self.den.to_x0(mixed, x, t)
 
@@ -220,14 +220,14 @@ def _cnag_call(self:ClassifierNAG, x, t, **extra):
     whole = step_on(t, self.interval, self.path)
     t = as_t(t, x)
     x0 = self.den(x, t, **extra)
-    on = in_interval(t, self.interval) & (self.path.alpha(t) > 0)
     self.last_branches = {'denoised': x0}
-    if self.w == 0 or whole is False or (whole is None and not bool(on.any())): return x0
+    on = None if whole is not None else in_interval(t, self.interval) & (self.path.alpha(t) > 0)
+    if self.w == 0 or whole is False or (on is not None and not bool(on.any())): return x0
     grad = self.grad(x, t)
     score = self.path.convert(x0, x, t, 'x0', 'score') + self.w * grad
     self.last_branches['grad_log_g'] = grad
     guided = self.path.convert(score, x, t, 'score', 'x0')
-    return guided if whole else torch.where(_col(on, x), guided, x0)
+    return guided if on is None else torch.where(_col(on, x), guided, x0)
 
 ClassifierNAG.__call__ = _cnag_call
 
@@ -244,12 +244,12 @@ class EpsScaling:
         t = as_t(t, x)
         x0 = self.den(x, t, **extra)
         if whole is False: return x0
-        a, s, _, _ = self.path.coefs_like(t, x)
         lam = self.k * t + self.b
-        on = (lam != 1) & in_interval(t, self.interval) & (self.path.alpha(t) > 0)
-        if whole is None and not bool(on.any()): return x0
+        on = None if whole is not None else (lam != 1) & in_interval(t, self.interval) & (self.path.alpha(t) > 0)
+        if on is not None and not bool(on.any()): return x0
+        a, s, _, _ = self.path.coefs_like(t, x)
         eps = (x - a * x0) / s / expand_t(lam, x)                                   # scaled noise estimate
-        return (x - s * eps) / a if whole else torch.where(_col(on, x), (x - s * eps) / a, x0)
+        return (x - s * eps) / a if on is None else torch.where(_col(on, x), (x - s * eps) / a, x0)
 
 # %% ../nbs/06_guidance.ipynb #753407ef
 class TimeShift:
@@ -288,11 +288,11 @@ class Autoguidance:
         whole = step_on(t, self.interval)
         t = as_t(t, x)
         f_good = self.good.native(x, t, **extra)
-        on = in_interval(t, self.interval)
+        on = None if whole is not None else in_interval(t, self.interval)
         self.last_branches = {'good': f_good}
-        if self.w == 0 or whole is False or (whole is None and not bool(on.any())): return self.good.to_x0(f_good, x, t)
+        if self.w == 0 or whole is False or (on is not None and not bool(on.any())): return self.good.to_x0(f_good, x, t)
         f_weak = self.weak.path.convert(self.weak.native(x, t, **extra), x, t, self.weak.pred, self.good.pred)
         mixed = f_good + self.w * (f_good - f_weak)
-        if whole is None: mixed = torch.where(_col(on, x), mixed, f_good)
+        if on is not None: mixed = torch.where(_col(on, x), mixed, f_good)
         self.last_branches.update(weak=f_weak, guided=mixed)
         return self.good.to_x0(mixed, x, t)

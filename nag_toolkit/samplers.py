@@ -25,7 +25,7 @@ def time_grid(n:int, # number of steps (the grid has n + 1 points)
     if n < 1: raise ConfigError(f"steps={n} is out of range; allowed: >= 1")
     if check_choice('grid', kind, GRID_KINDS) == 'uniform': return torch.linspace(t_max, t_min, n + 1, dtype=torch.float64)
     sched = get_interpolant(path).schedule
-    if sched is None: raise ConfigError(f"grid='ddpm' needs a discrete path; allowed: path='ddpm'")
+    if sched is None: raise ConfigError("grid='ddpm' needs a discrete path; allowed: path='ddpm'")
     ks, _ = respace(sched, n)
     return torch.cat([sched.step_to_t(ks.flip(0)), torch.tensor([t_min], dtype=torch.float64)])
 

@@ -226,7 +226,6 @@ def _audit(run):
     with HostSyncAudit() as audit: run()
     return audit.events
 
-import pytest
 
 @pytest.mark.parametrize('name', ['euler', 'heun', 'ddim', 'ddpm', 'dpmpp_2m'])
 def test_guided_sampling_loop_never_syncs_with_the_device(name):

@@ -1,5 +1,5 @@
 """Write README.md from nbs/index.ipynb (executed), the way nbdev_readme does where Quarto is installed."""
-import re, sys
+import re
 from pathlib import Path
 import nbformat
 from execnb.shell import CaptureShell
