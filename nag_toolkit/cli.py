@@ -12,7 +12,7 @@ from .core import ConfigError, read_yaml_mapping
 
 # %% auto #0
 __all__ = ['train_options', 'COMMANDS', 'config_options', 'cmd_train', 'study_options', 'cmd_study', 'cmd_sample', 'cmd_demo',
-           'parser', 'main', 'cmd_sweep']
+           'parser', 'main', 'cmd_sweep', 'cmd_latents', 'cmd_eval']
 
 # %% ../nbs/10_cli.ipynb #7dca79e0
 def _config_flags(p:argparse.ArgumentParser, cls, what:str, example:str):
@@ -133,6 +133,35 @@ def cmd_sweep(args):
     sys.exit(1)
 
 COMMANDS['sweep'] = (cmd_sweep, _sweep_flags, 'run a pipeline notebook over a grid of parameters (papermill; local pool or submitit)')
+
+# %% ../nbs/10_cli.ipynb #df33130b
+def cmd_latents(args):
+    "Encode images into latent shards (this process's share under torchrun); prints what was done."
+    from nag_toolkit.data import write_latents
+    res = write_latents(config_options(args))
+    who = f"rank {res['rank']}/{res['world']}: " if res['world'] > 1 else ''
+    print(f"{who}wrote {len(res['written'])} shard(s), {len(res['skipped'])} already finished, of {res['n_shards']} in {res['out']}")
+
+def cmd_eval(args):
+    "Score sample shards against a reference; prints the headline metrics and where the JSON is."
+    from nag_toolkit.metrics import evaluate
+    res = evaluate(config_options(args))
+    keys = [k for k in ('fid', 'isc_mean', 'precision', 'recall', 'kid_mean') if k in res]
+    print(', '.join(f"{k} {res[k]:.4g}" for k in keys) + f" ({res['n_samples']} samples)")
+
+def _latents_flags(p:argparse.ArgumentParser):
+    "Flags of `nag-toolkit latents`: one per LatentsConfig field."
+    from nag_toolkit.data import LatentsConfig
+    _config_flags(p, LatentsConfig, 'latent extraction', 'dataset_options.root=DIR')
+
+def _eval_flags(p:argparse.ArgumentParser):
+    "Flags of `nag-toolkit eval`: one per EvalConfig field (--samples, --reference, --reference-dataset, ...)."
+    from nag_toolkit.metrics import EvalConfig
+    _config_flags(p, EvalConfig, 'evaluation', 'reference_options.root=DIR')
+
+COMMANDS['latents'] = (cmd_latents, _latents_flags,
+                       'encode an image folder or torchvision set into latent shards (resumes; torchrun splits the shards)')
+COMMANDS['eval'] = (cmd_eval, _eval_flags, 'FID, IS, precision/recall of sample shards against a reference (writes eval.json)')
 
 # %% ../nbs/10_cli.ipynb #bcb9ee2b
 #| eval: false

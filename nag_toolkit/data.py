@@ -4,24 +4,49 @@
 
 # %% ../nbs/03_data.ipynb #b9101c78
 from __future__ import annotations
-import math, inspect
+import math, inspect, json, mmap, os
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DataLoader, Subset
 from safetensors.torch import save_file, load_file
-from .core import ConfigError, check_choice, check_range, first_line
+from .core import (ConfigError, check_choice, check_range, first_line, config_from_dict,
+                              randn_per_sample, sample_generators)
 from .analytic import GaussianMixture
 
 # %% auto #0
-__all__ = ['GMM32_SEED', 'MIXTURES', 'TOYS', 'DATASETS', 'ArrayDataset', 'get_mixture', 'mixture_dataset', 'toy_dataset',
-           'digits_dataset', 'image_transform', 'ImageDataset', 'torchvision_dataset', 'folder_dataset',
-           'save_latent_shard', 'latent_dataset', 'extract_latents', 'get_dataset']
+__all__ = ['GMM32_SEED', 'MIXTURES', 'TOYS', 'DATASETS', 'as_indices', 'BatchDataset', 'ArrayDataset', 'get_mixture',
+           'mixture_dataset', 'toy_dataset', 'digits_dataset', 'center_crop_arr', 'image_transform', 'ImageDataset',
+           'torchvision_dataset', 'folder_dataset', 'save_latent_shard', 'MappedArray', 'LatentShards',
+           'latent_dataset', 'extract_latents', 'get_dataset', 'LatentsConfig', 'write_latents']
 
 # %% ../nbs/03_data.ipynb #21ee77d4
-class ArrayDataset(Dataset):
-    "Tensors held in memory: `ds[i]` is `(x[i], y[i])`, with `y = 0` where there are no labels."
+def as_indices(indices, # a list, range, numpy array or tensor of row numbers
+               n:int)->torch.Tensor: # the dataset's length
+    "`indices` as a 1-D int64 tensor; an index outside [0, n) raises `IndexError`."
+    if isinstance(indices, range): indices = np.arange(indices.start, indices.stop, indices.step)
+    i = torch.as_tensor(np.asarray(indices) if isinstance(indices, (list, tuple)) else indices, dtype=torch.long).reshape(-1)
+    if len(i) and (int(i.min()) < 0 or int(i.max()) >= n):
+        raise IndexError(f"indices range over [{int(i.min())}, {int(i.max())}]; allowed: [0, {n})")
+    return i
+
+class BatchDataset(Dataset):
+    "The dataset protocol: `len(ds)`, `ds.shape`, `ds.num_classes`, `ds.meta` and `ds.read(indices) -> (x, y)`."
+    meta: dict = {}
+    def __len__(self)->int: raise NotImplementedError
+    def read(self, indices)->tuple:
+        "`(x, y)`: the samples at `indices` as floats `[n, *shape]` and their integer labels `[n]`."
+        raise NotImplementedError
+    def __getitem__(self, i):
+        x, y = self.read([i])
+        return x[0], y[0]
+    shape = property(lambda self: tuple(self.read([0])[0].shape[1:]), doc="Shape of one sample.")
+    num_classes = property(lambda self: self.meta.get('num_classes', 1), doc="Number of classes (`meta['num_classes']`).")
+
+class ArrayDataset(BatchDataset):
+    "Tensors held in memory: `ds.read(i)` is `(x[i], y[i])`, with `y = 0` where there are no labels."
     def __init__(self, x, # samples, [N, ...]
                  y=None, # integer labels, [N] (all zero if None)
                  meta:dict|None=None): # anything else worth keeping (name, mixture, num_classes, ...)
@@ -32,6 +57,9 @@ class ArrayDataset(Dataset):
 
     def __len__(self): return len(self.x)
     def __getitem__(self, i): return self.x[i], self.y[i]
+    def read(self, indices):
+        i = as_indices(indices, len(self))
+        return self.x[i], self.y[i]
     shape = property(lambda self: tuple(self.x.shape[1:]), doc="Shape of one sample.")
     num_classes = property(lambda self: self.meta.get('num_classes', int(self.y.max()) + 1 if len(self.y) else 0),
                            doc="Number of classes (from `meta['num_classes']`, else `max(y) + 1`).")
@@ -121,24 +149,39 @@ def digits_dataset()->ArrayDataset:
     return ArrayDataset(x, torch.tensor(d.target), meta={'name': 'digits', 'num_classes': 10})
 
 # %% ../nbs/03_data.ipynb #15b2293b
+def center_crop_arr(pil_image, # a PIL image
+                    image_size:int): # side of the square output
+    "ADM's centre crop as in DiT's train.py: box-halve while the short side >= 2x, bicubic-resize, centre-crop."
+    from PIL import Image
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
+
 def image_transform(image_size:int|None=None): # side of the square output; None keeps the size
-    "PIL image -> float tensor in [-1, 1], resized and centre-cropped to `image_size` if given."
+    "PIL image -> float tensor in [-1, 1], centre-cropped to `image_size` as DiT does (`center_crop_arr`) if given."
     from torchvision import transforms as T
     if image_size is not None: check_range('image_size', image_size, lo=1)
-    resize = [] if image_size is None else [T.Resize(image_size), T.CenterCrop(image_size)]
-    return T.Compose(resize + [T.ToTensor(), T.Normalize([0.5], [0.5])])
+    crop = [] if image_size is None else [T.Lambda(partial(center_crop_arr, image_size=image_size))]
+    return T.Compose(crop + [T.ToTensor(), T.Normalize([0.5], [0.5])])
 
-class ImageDataset(Dataset):
-    "A lazy image dataset: `ds[i]` is `(image in [-1, 1], label)` read from a wrapped torchvision dataset."
+class ImageDataset(BatchDataset):
+    "Images read lazily from a wrapped torchvision dataset: `read(indices)` decodes just those, in [-1, 1]."
     def __init__(self, base, # a torchvision dataset whose transform returns tensors
                  meta:dict|None=None): # name, root, classes, num_classes, ...
-        self.base, self.meta = base, dict(meta or {})
+        self.base, self.meta, self._shape = base, dict(meta or {}), None
     def __len__(self): return len(self.base)
-    def __getitem__(self, i):
-        x, y = self.base[i]
-        return x, torch.as_tensor(y)
-    shape = property(lambda self: tuple(self[0][0].shape), doc="Shape of one sample (reads the first).")
-    num_classes = property(lambda self: self.meta.get('num_classes', 1), doc="Number of classes.")
+    def read(self, indices):
+        items = [self.base[int(i)] for i in as_indices(indices, len(self))]
+        return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items], dtype=torch.long)
+    @property
+    def shape(self)->tuple:
+        "Shape of one sample (the first image's, read once)."
+        if self._shape is None: self._shape = tuple(self.base[0][0].shape)
+        return self._shape
     def __repr__(self): return f"ImageDataset({self.meta.get('name')}, n={len(self)}, num_classes={self.num_classes})"
 
 # %% ../nbs/03_data.ipynb #034bf810
@@ -184,48 +227,131 @@ def folder_dataset(root, # a folder with one subfolder of images per class
 
 # %% ../nbs/03_data.ipynb #f0a81336
 def save_latent_shard(path, # file to write; '.safetensors' is appended if missing
-                      latents, # latents, [N, ...]
-                      labels)->Path: # integer labels, [N]
-    "Write one shard of latents and labels as a `.safetensors` file; returns its path."
+                      latents, # latents, [N, ...] (their dtype is kept)
+                      labels, # integer labels, [N]
+                      metadata:dict|None=None)->Path: # strings kept in the file's header (num_classes, vae, ...)
+    "Write one shard of latents and labels as a `.safetensors` file, atomically; returns its path."
     path = Path(path)
     if path.suffix != '.safetensors': path = path.with_name(path.name + '.safetensors')
     latents, labels = torch.as_tensor(latents).detach().cpu().contiguous(), torch.as_tensor(labels).long().cpu().contiguous()
     if labels.shape != (len(latents),): raise ConfigError(f"labels has shape {tuple(labels.shape)}; allowed: ({len(latents)},)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({'latents': latents, 'labels': labels}, str(path))
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    save_file({'latents': latents, 'labels': labels}, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
     return path
 
-def _read_shard(p:Path):
-    "`(latents, labels)` of one shard file."
-    if p.suffix == '.safetensors':
-        d = load_file(str(p))
-        for k in ('latents', 'labels'):
-            if k not in d: raise ConfigError(f"shard {p.name} has no tensor {k!r}; allowed: a file with tensors 'latents' and 'labels'")
-        return d['latents'], d['labels']
-    lp = p.with_name(p.stem + '_labels.npy')
-    if not lp.exists(): raise ConfigError(f"shard {p.name} has no labels file {lp.name}")
-    return torch.from_numpy(np.load(p)), torch.from_numpy(np.load(lp))
+_ST_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16', 'I64': 'int64', 'I32': 'int32',
+              'I16': 'int16', 'I8': 'int8', 'U8': 'uint8', 'BOOL': 'bool'}
 
+def _safetensors_header(p:Path)->tuple:
+    "`({name: (dtype, shape, byte offset)}, metadata)` of a safetensors file, from its JSON header alone."
+    with open(p, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        h = json.loads(f.read(n))
+    meta = h.pop('__metadata__', None) or {}
+    return {k: (_ST_DTYPES[v['dtype']], tuple(v['shape']), 8 + n + v['data_offsets'][0]) for k, v in h.items()}, meta
+
+def _npy_header(p:Path)->tuple:
+    "`(dtype, shape, byte offset)` of the array in an `.npy` file, from its header alone."
+    with open(p, 'rb') as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if fortran: raise ConfigError(f"shard {p.name} is stored in Fortran order; allowed: C order (np.save of a C array)")
+        return dtype.name, tuple(shape), f.tell()
+
+# %% ../nbs/03_data.ipynb #f8b0abd5
+class MappedArray:
+    "One array inside a file, memory-mapped on first use; `take(rows)` copies those rows out and releases the pages."
+    def __init__(self, path, dtype:str, shape:tuple, offset:int):
+        self.path, self.dtype, self.shape, self.offset, self._mm = str(path), dtype, tuple(shape), offset, None
+
+    def _array(self)->np.ndarray:
+        if self._mm is None:
+            with open(self.path, 'rb') as f: self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mmap, 'MADV_RANDOM'): self._mm.madvise(mmap.MADV_RANDOM)     # no read-ahead of other rows
+        dt = np.int16 if self.dtype == 'bfloat16' else np.dtype(self.dtype)         # numpy has no bfloat16
+        return np.frombuffer(self._mm, dt, count=math.prod(self.shape), offset=self.offset).reshape(self.shape)
+
+    def take(self, rows)->torch.Tensor:
+        "A copy of `rows` (an index array or a slice of the first axis), in the dtype stored on disk."
+        out = torch.from_numpy(np.array(self._array()[rows]))
+        if self.dtype == 'bfloat16': out = out.view(torch.bfloat16)
+        if hasattr(mmap, 'MADV_DONTNEED'): self._mm.madvise(mmap.MADV_DONTNEED)    # resident memory: just the copy
+        return out
+
+    def __getstate__(self): return {**self.__dict__, '_mm': None}                  # a worker maps the file itself
+    def __repr__(self): return f"MappedArray({Path(self.path).name}, {self.dtype}, {self.shape})"
+
+# %% ../nbs/03_data.ipynb #dcf000f0
 def _is_shard(p:Path)->bool:
     "A `.safetensors` file, or a `.npy` file that is not a `_labels.npy`."
     return p.suffix == '.safetensors' or (p.suffix == '.npy' and not p.stem.endswith('_labels'))
 
-def latent_dataset(path)->ArrayDataset: # a folder of latent shards
-    "All latent shards under `path` (sorted by file name) as one `ArrayDataset`."
+def _open_shard(p:Path)->tuple:
+    "`(latents, labels, metadata)` of one shard file: two `MappedArray`s, nothing read yet."
+    if p.suffix == '.safetensors':
+        arrays, meta = _safetensors_header(p)
+        for k in ('latents', 'labels'):
+            if k not in arrays: raise ConfigError(f"shard {p.name} has no tensor {k!r}; allowed: a file with tensors 'latents' and 'labels'")
+        z, y = (MappedArray(p, *arrays[k]) for k in ('latents', 'labels'))
+    else:
+        lp, meta = p.with_name(p.stem + '_labels.npy'), {}
+        if not lp.exists(): raise ConfigError(f"shard {p.name} has no labels file {lp.name}")
+        z, y = MappedArray(p, *_npy_header(p)), MappedArray(lp, *_npy_header(lp))
+    if y.shape != z.shape[:1]: raise ConfigError(f"shard {p.name} has labels of shape {y.shape}; allowed: ({z.shape[0]},)")
+    return z, y, meta
+
+def _shard_files(path)->list:
+    "The shard files of a folder, sorted by name, or a one-line error."
     if not Path(path).is_dir(): raise ConfigError(f"path={str(path)!r} is not a folder; allowed: a folder of latent shards")
     shards = sorted(p for p in Path(path).iterdir() if _is_shard(p))
     if not shards: raise ConfigError(f"path={str(path)!r} holds no latent shards; allowed: .safetensors or .npy (+ _labels.npy) files")
-    parts = [_read_shard(p) for p in shards]
-    shape0 = tuple(parts[0][0].shape[1:])
-    for p, (z, _) in zip(shards, parts):
-        if tuple(z.shape[1:]) != shape0:
-            raise ConfigError(f"shard {p.name} has latents of shape {tuple(z.shape[1:])}; allowed: {shape0} as in {shards[0].name}")
-    x, y = torch.cat([z.float() for z, _ in parts]), torch.cat([l.long() for _, l in parts])
-    return ArrayDataset(x, y, meta={'name': 'latents', 'path': str(path), 'shards': [p.name for p in shards]})
+    return shards
+
+# %% ../nbs/03_data.ipynb #228f04f9
+class LatentShards(BatchDataset):
+    "A folder of latent shards, memory-mapped: `read(indices)` copies just those rows and converts them to float32."
+    def __init__(self, path, # a folder of shards
+                 num_classes:int|None=None): # None: from the shards' metadata, else the largest label + 1
+        files = _shard_files(path)
+        self.latents, self.labels, metas = map(list, zip(*(_open_shard(p) for p in files)))
+        for p, z in zip(files, self.latents):
+            if z.shape[1:] != self.latents[0].shape[1:]:
+                raise ConfigError(f"shard {p.name} has latents of shape {z.shape[1:]}; allowed: {self.latents[0].shape[1:]} as in {files[0].name}")
+        self.starts = np.cumsum([0] + [z.shape[0] for z in self.latents])
+        stored = [int(m['num_classes']) for m in metas if 'num_classes' in m]
+        self.meta = {'name': 'latents', 'path': str(path), 'shards': [p.name for p in files], 'dtype': self.latents[0].dtype,
+                     'num_classes': num_classes or (max(stored) if stored else self._max_label() + 1)}
+
+    def __len__(self): return int(self.starts[-1])
+    shape = property(lambda self: self.latents[0].shape[1:], doc="Shape of one latent.")
+
+    def read(self, indices):
+        i = as_indices(indices, len(self)).numpy()
+        shard = np.searchsorted(self.starts, i, side='right') - 1             # the shard of each row
+        x, y = torch.empty((len(i), *self.shape)), torch.empty(len(i), dtype=torch.long)
+        for s in np.unique(shard):                                             # one copy per shard touched
+            at = np.flatnonzero(shard == s)
+            rows, to = i[at] - self.starts[s], torch.from_numpy(at)
+            x[to], y[to] = self.latents[s].take(rows).float(), self.labels[s].take(rows).long()
+        return x, y
+
+    def _max_label(self, chunk:int=1 << 20)->int:
+        "The largest label, scanned in chunks of `chunk` rows."
+        return max([int(l.take(slice(a, a + chunk)).max()) for l in self.labels for a in range(0, l.shape[0], chunk)] or [0])
+
+    def __repr__(self): return f"LatentShards({self.meta['path']}, n={len(self)}, shape={self.shape}, {self.meta['dtype']} on disk)"
+
+def latent_dataset(path, # a folder of latent shards
+                   num_classes:int|None=None)->LatentShards: # None: from the shards' metadata or labels
+    "The latent shards under `path` (sorted by file name), memory-mapped."
+    return LatentShards(path, num_classes)
 
 # %% ../nbs/03_data.ipynb #a9e67503
 def _load_vae(model_id:str, device):
-    "diffusers' `AutoencoderKL` from `model_id` (downloaded on first use), in eval mode on `device`."
+    "diffusers' `AutoencoderKL` from `model_id` (a local folder, or a hub name downloaded once), in eval mode on `device`."
     try: from diffusers import AutoencoderKL
     except ImportError:
         raise ConfigError('extract_latents needs diffusers, which is missing; install it with: pip install -e ".[latents]"') from None
@@ -273,3 +399,80 @@ def get_dataset(dataset:str, # a name of `DATASETS`
     for k, p in params.items():
         if p.default is p.empty and k not in options: raise ConfigError(f"dataset {dataset!r} needs option {k!r}; allowed: {allowed}")
     return loader(**options)
+
+# %% ../nbs/03_data.ipynb #4983305e
+@dataclass
+class LatentsConfig:
+    "What `nag-toolkit latents` does: which images, which VAE, and how the shards are cut."
+    dataset: str = 'folder'         # 'folder' or 'torchvision'
+    dataset_options: dict = field(default_factory=dict)  # root, image_size (256 for DiT), name, train, ...
+    vae: str = 'stabilityai/sd-vae-ft-ema'  # a local folder or a hub name
+    out: str = 'runs/latents'       # the shard folder
+    shard_size: int = 10_000        # images per shard (flipped copies add as many rows)
+    batch_size: int = 32            # images encoded at once
+    flip: bool = False              # also store the latents of the horizontally flipped images
+    mode: str = 'mean'              # 'mean' of the encoder's distribution, or a 'sample' seeded per image
+    scale: float = 0.18215          # latent scaling factor
+    dtype: str = 'float32'          # stored dtype: 'float32', 'float16' or 'bfloat16'
+    seed: int = 0                   # seed of mode='sample'
+    num_workers: int = 0            # DataLoader processes decoding images
+    device: str = 'auto'            # 'auto' (CUDA of this process's local rank when available), 'cpu', 'cuda:1', ...
+
+LatentsConfig.from_dict = staticmethod(lambda d: config_from_dict(LatentsConfig, d, 'latents option'))
+
+def _check_latents_config(c:LatentsConfig)->LatentsConfig:
+    "Check every choice and range of `c` (returned unchanged)."
+    check_choice('dataset', c.dataset, ('folder', 'torchvision')); check_choice('mode', c.mode, ('mean', 'sample'))
+    check_choice('dtype', c.dtype, ('float32', 'float16', 'bfloat16'))
+    for k in ('shard_size', 'batch_size'): check_range(k, getattr(c, k), lo=1)
+    check_range('num_workers', c.num_workers, lo=0); check_range('scale', c.scale, lo=0, lo_open=True)
+    return c
+
+# %% ../nbs/03_data.ipynb #5f865f9f
+def _encode(vae, x, indices, cfg:LatentsConfig)->torch.Tensor:
+    "Latents times `scale` of images `x` (dataset rows `indices`): the posterior mean, or a sample seeded per image."
+    device, dtype = _vae_device_dtype(vae, x)
+    dist = vae.encode(x.to(device, dtype)).latent_dist
+    z = dist.mean
+    if cfg.mode == 'sample': z = z + dist.std * randn_per_sample(z.shape[1:], sample_generators(cfg.seed, indices, device), device, z.dtype)
+    return z.float().cpu() * cfg.scale
+
+@torch.no_grad()
+def _encode_shard(vae, ds, start:int, stop:int, cfg:LatentsConfig, bar)->tuple:
+    "`(latents, labels)` of dataset rows [start, stop), followed by those of the flipped images if `cfg.flip`."
+    loader = DataLoader(Subset(ds, range(start, stop)), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    z, zf, ys, at = [], [], [], start
+    for x, y in loader:
+        idx = range(at, at + len(x)); at += len(x)
+        z.append(_encode(vae, x, idx, cfg)); ys.append(y.long())
+        if cfg.flip: zf.append(_encode(vae, x.flip(-1), range(idx.start + len(ds), idx.stop + len(ds)), cfg))
+        bar.update(len(x))
+    y = torch.cat(ys)
+    return torch.cat(z + zf), torch.cat([y, y] if cfg.flip else [y])
+
+# %% ../nbs/03_data.ipynb #77c5760f
+def _vae_device(name:str)->torch.device:
+    "The device to encode on: CUDA of this process's local rank when available for 'auto'."
+    if name != 'auto': return torch.device(name)
+    return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
+
+def write_latents(cfg:LatentsConfig|dict, # the options (a `LatentsConfig` or a dict of its fields)
+                  vae=None)->dict: # an `AutoencoderKL` already loaded; None: load `cfg.vae`
+    "Encode an image dataset into latent shards in `cfg.out` (this process's shards under torchrun); resumable."
+    from tqdm.auto import tqdm
+    cfg = _check_latents_config(LatentsConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg)
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    ds = get_dataset(cfg.dataset, **cfg.dataset_options)
+    n_shards, out = math.ceil(len(ds) / cfg.shard_size), Path(cfg.out)
+    mine = list(range(rank, n_shards, world))
+    todo = [k for k in mine if not (out / f'shard_{k:05d}.safetensors').exists()]
+    vae = (_load_vae(cfg.vae, _vae_device(cfg.device)) if vae is None else vae) if todo else None
+    span = lambda k: (k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(ds)))
+    meta = {'vae': cfg.vae if isinstance(cfg.vae, str) else '', 'scale': cfg.scale, 'mode': cfg.mode, 'flip': cfg.flip,
+            'num_classes': ds.num_classes, 'images': len(ds)}
+    with tqdm(total=sum(b - a for a, b in map(span, todo)), unit='img', desc='latents', disable=rank != 0) as bar:
+        for k in todo:
+            z, y = _encode_shard(vae, ds, *span(k), cfg, bar)
+            save_latent_shard(out / f'shard_{k:05d}', z.to(getattr(torch, cfg.dtype)), y, {**meta, 'rows': f'{span(k)[0]}:{span(k)[1]}'})
+    return {'out': str(out), 'written': todo, 'skipped': [k for k in mine if k not in todo], 'n_shards': n_shards,
+            'rank': rank, 'world': world}

@@ -5,6 +5,7 @@
 # %% ../nbs/14_metrics.ipynb #b4ae166e
 from __future__ import annotations
 import os, json, hashlib, zipfile, functools
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from .core import ConfigError, check_choice, check_range
+from .core import ConfigError, check_choice, check_range, config_from_dict
 from .data import get_dataset
 
 # %% auto #0
@@ -30,7 +31,7 @@ __all__ = ['DIGITS_NET_VERSION', 'IMAGE_SUFFIXES', 'sqrtm_psd', 'frechet_distanc
            'train_digits_features', 'DigitsFeatureExtractor', 'register_digits_extractor', 'Images', 'npz_images',
            'folder_images', 'as_images', 'inception_weights_path', 'metric_layers', 'load_feature_extractor',
            'extract_features', 'reference_cache_path', 'reference_features', 'image_metrics', 'UInt8Images',
-           'fid_from_npz']
+           'fid_from_npz', 'EvalConfig', 'dataset_images', 'evaluate']
 
 # %% ../nbs/14_metrics.ipynb #f988c0c0
 def _f64(a)->torch.Tensor:
@@ -543,3 +544,79 @@ def fid_from_npz(samples, # an .npz (arr_0 uint8 NHWC) or a folder of .npz shard
     if mu.shape != (f.shape[1],):
         raise ConfigError(f"the reference mu has shape {tuple(mu.shape)}; {feature_extractor!r} gives {f.shape[1]} features: use the feature network that made it")
     return {'fid': frechet_distance(*gaussian_stats(f), mu, sigma), 'n_samples': len(f), 'n_reference': n_ref}
+
+# %% ../nbs/14_metrics.ipynb #ebcfa409
+@dataclass
+class EvalConfig:
+    "What `nag-toolkit eval` measures: sample shards against a reference, on one feature extractor."
+    samples: str = ''               # sample shards (.npz, arr_0 uint8 NHWC), one .npz, or a folder of images
+    reference: str | None = None    # ADM's reference batch .npz, a folder of .npz shards or of images
+    reference_dataset: str | None = None  # or a dataset of nag_toolkit.data: 'folder', 'torchvision', 'digits', ...
+    reference_options: dict = field(default_factory=dict)  # its options (root, image_size, name, ...)
+    num_samples: int | None = None  # the first this many samples (None: all)
+    feature_extractor: str = 'inception-v3-compat'  # or 'nag-digits' (8x8 digits, offline), or another registered one
+    inception_weights: str | None = None  # torch-fidelity's Inception weights file; None: torch hub's cache
+    download: bool = True           # allow downloading the Inception weights when they are not cached
+    feature_net_path: str | None = None   # weights of other extractors ('nag-digits': trained into the cache if None)
+    cache_dir: str | None = None    # reference-feature cache; `default_cache_dir()` if None
+    image_size: int | None = None   # resize + centre-crop images read from folders
+    batch_size: int = 200           # images per forward pass
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    prc_neighborhood: int = 3       # k of precision/recall's k-NN balls
+    seed: int = 2020                # KID subsets and IS shuffle (torch-fidelity's default)
+    device: str = 'auto'            # 'auto': CUDA when available
+    out: str | None = None          # folder of eval.json; None: the samples' folder
+
+EvalConfig.from_dict = staticmethod(lambda d: config_from_dict(EvalConfig, d, 'eval option'))
+
+def dataset_images(ds)->Images:
+    "The images of a dataset of `nag_toolkit.data` (floats in [-1, 1], `[C, H, W]`) as uint8 batches."
+    if ds.meta.get('name') == 'latents' or len(ds.shape) != 3:
+        raise ConfigError(f"reference_dataset holds samples of shape {tuple(ds.shape)}; allowed: images [C, H, W] (decode latents first)")
+    batches = lambda bs: (to_uint8(ds.read(range(i, min(i + bs, len(ds))))[0]) for i in range(0, len(ds), bs))
+    return Images(batches, len(ds), str(ds.meta.get('name', 'dataset')))
+
+# %% ../nbs/14_metrics.ipynb #bc64a8a7
+def _eval_reference(cfg:EvalConfig):
+    "The reference's images (None for an npz of statistics alone) and its npz statistics (or None)."
+    if (cfg.reference is None) == (cfg.reference_dataset is None):
+        raise ConfigError("give one of reference (a path) or reference_dataset (a dataset name); allowed: exactly one")
+    if cfg.reference_dataset is not None:
+        from nag_toolkit.data import get_dataset
+        return dataset_images(get_dataset(cfg.reference_dataset, **cfg.reference_options)), None
+    stats = _npz_stats(cfg.reference)
+    only_stats = stats is not None and 'arr_0.npy' not in zipfile.ZipFile(cfg.reference).namelist()
+    return (None if only_stats else as_images(cfg.reference, cfg.image_size)), stats
+
+def _eval_metrics(f:dict, ref:dict|None, stats, layers:dict, cfg:EvalConfig)->dict:
+    "All metrics from sample features `f`, reference features `ref` (or None) and npz statistics `stats` (or None)."
+    fl = layers['fid']
+    res = _feature_metrics(f, ref, layers, cfg.kid_subset_size, cfg.kid_subsets, cfg.prc_neighborhood, cfg.seed) if ref else {}
+    if ref is None and 'isc' in layers:
+        isc = isc_features_to_metric(f[layers['isc']], splits=10, shuffle=True, rng_seed=cfg.seed)
+        res.update(isc_mean=isc['inception_score_mean'], isc_std=isc['inception_score_std'], n_samples=len(f[fl]), n_reference=None)
+    if stats is not None:
+        if stats[0].shape != (f[fl].shape[1],):
+            raise ConfigError(f"the reference mu has shape {tuple(stats[0].shape)}; {cfg.feature_extractor!r} gives {f[fl].shape[1]} features: use the feature network that made it")
+        res['fid'] = frechet_distance(*gaussian_stats(f[fl]), *stats)
+    return {**res, 'fid_reference': 'npz mu/sigma' if stats is not None else 'reference features'}
+
+# %% ../nbs/14_metrics.ipynb #28fe936a
+def evaluate(cfg:EvalConfig|dict)->dict:
+    "FID, KID, precision/recall and IS of sample shards against a reference; also written to `out/eval.json`."
+    cfg = EvalConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    for k in ('batch_size', 'kid_subsets', 'kid_subset_size', 'prc_neighborhood'): check_range(k, getattr(cfg, k), lo=1)
+    samples = _check_count(as_images(cfg.samples, cfg.image_size), cfg.num_samples)
+    layers = metric_layers(check_choice('feature_extractor', cfg.feature_extractor, FEATURE_EXTRACTORS_REGISTRY))
+    ref_images, stats = _eval_reference(cfg)
+    fe = load_feature_extractor(cfg.feature_extractor, None, cfg.feature_net_path, cfg.inception_weights, cfg.download,
+                                cfg.cache_dir, None if cfg.device == 'auto' else cfg.device)
+    ref = None if ref_images is None else reference_features(ref_images, fe, cfg.cache_dir, cfg.batch_size)
+    res = _eval_metrics(extract_features(fe, samples, cfg.batch_size), ref, stats, layers, cfg)
+    res.update(samples=str(cfg.samples), reference=str(cfg.reference or cfg.reference_dataset),
+               feature_extractor=cfg.feature_extractor, weights_id=fe.weights_id)
+    out = Path(cfg.out) if cfg.out else (Path(cfg.samples) if Path(cfg.samples).is_dir() else Path(cfg.samples).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'eval.json').write_text(json.dumps(res, indent=1, default=float))
+    return res

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import torch, torch.nn.functional as F
 import torch.distributed as dist
+from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
 from .core import ConfigError, check_choice, check_range, sample_seed, config_from_dict
 from .interpolants import get_interpolant, PRED_KINDS, INTERPOLANTS
@@ -17,9 +18,9 @@ from .models import build_model, load_pretrained
 from .checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint
 
 # %% auto #0
-__all__ = ['RESUME_FREE', 'TrainConfig', 'from_dict', 'resolve', 'draw_batch', 'batch_loss', 'pick_device', 'init_distributed',
-           'ema_update', 'setup', 'TrainingDiverged', 'train_step', 'StopFlag', 'train', 'exact_null_t_prediction',
-           'oracle_gap', 'load_trained', 'import_pretrained', 'training_report']
+__all__ = ['RESUME_FREE', 'TrainConfig', 'from_dict', 'resolve', 'draw_batch', 'batch_loss', 'StepBatches', 'batch_loader',
+           'pick_device', 'init_distributed', 'ema_update', 'setup', 'TrainingDiverged', 'train_step', 'StopFlag',
+           'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained', 'import_pretrained', 'training_report']
 
 # %% ../nbs/09_train.ipynb #23bd28aa
 @dataclass
@@ -40,6 +41,7 @@ class TrainConfig:
     p_drop: float | None = None     # noise-condition dropout; None: 0.1, or 0.2 when fine-tuning
     p_drop_y: float = 0.1           # class-label dropout (for CFG)
     ip_gamma: float = 0.0           # input perturbation (DDPM-IP); 0 turns it off
+    hflip: bool = False             # DiT's random horizontal flip of x0 (which rows: from the step's seed)
     t_min: float = 0.001            # training times are drawn uniformly in [t_min, t_max]
     t_max: float = 1.0
     seed: int = 0
@@ -51,6 +53,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model
     max_bad_steps: int = 20         # consecutive non-finite steps tolerated before stopping
     device: str = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    num_workers: int = 0            # DataLoader processes that read batches ahead (0: read in the loop)
     out: str = 'runs/train'
 
 # %% ../nbs/09_train.ipynb #5b741292
@@ -73,7 +76,7 @@ def resolve(cfg:TrainConfig, world_size:int=1)->TrainConfig:
     for name, lo, hi in (('p_drop', 0, 1), ('p_drop_y', 0, 1), ('ema_decay', 0, 1)): check_range(name, getattr(c, name), lo, hi, hi_open=True)
     for name in ('steps', 'batch_size', 'log_every', 'ckpt_every'): check_range(name, getattr(c, name), 1)
     for name in ('lr',): check_range(name, c.lr, 0, lo_open=True)
-    for name in ('weight_decay', 'grad_clip', 'ip_gamma'): check_range(name, getattr(c, name), 0)
+    for name in ('weight_decay', 'grad_clip', 'ip_gamma', 'num_workers'): check_range(name, getattr(c, name), 0)
     check_range('t_min', c.t_min, 0, c.t_max, hi_open=True); check_range('t_max', c.t_max, c.t_min, 1, lo_open=True)
     if c.batch_size % world_size: raise ConfigError(f"batch_size={c.batch_size} is not divisible by the world size {world_size}; allowed: a multiple of {world_size}")
     return c
@@ -89,8 +92,10 @@ def draw_batch(ds, step:int, cfg:TrainConfig, rank:int=0, world:int=1)->dict:
     xi = torch.randn((B, *ds.shape), generator=g) if cfg.ip_gamma > 0 else None
     null_t = torch.rand(B, generator=g) < cfg.p_drop          # noise-condition dropout
     null_y = torch.rand(B, generator=g) < cfg.p_drop_y        # label dropout (CFG)
+    flip = torch.rand(B, generator=g) < 0.5 if cfg.hflip else None   # DiT's random horizontal flip
     rows = slice(rank * B // world, (rank + 1) * B // world)
-    x0, y = ds.x[idx[rows]], ds.y[idx[rows]]
+    x0, y = ds.read(idx[rows])                                # this process reads only its own rows
+    if flip is not None: x0 = torch.where(flip[rows].reshape(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
     return {'x0': x0, 'y': y, 't': t[rows], 'eps': eps[rows], 'xi': None if xi is None else xi[rows],
             'null_t': null_t[rows], 'null_y': null_y[rows]}
 
@@ -103,6 +108,19 @@ def batch_loss(model, batch:dict, path, pred:str, ip_gamma:float=0.0):
     out = model(xt, t, batch['y'], null_t=batch['null_t'], null_y=batch['null_y'])
     out = out[:, :x0.shape[1]] if out.shape != x0.shape else out   # learn_sigma: the first C channels
     return (out.float() - target.float()).pow(2).flatten(1).mean(1)
+
+# %% ../nbs/09_train.ipynb #8c89eaa8
+class StepBatches(Dataset):
+    "Step `k`'s batch for process `rank`, as a dataset indexed by step (what `DataLoader` workers read ahead)."
+    def __init__(self, ds, cfg:TrainConfig, rank:int=0, world:int=1): self.ds, self.cfg, self.rank, self.world = ds, cfg, rank, world
+    def __len__(self): return self.cfg.steps
+    def __getitem__(self, step:int)->dict: return draw_batch(self.ds, step, self.cfg, self.rank, self.world)
+
+def batch_loader(ds, cfg:TrainConfig, start:int=0, rank:int=0, world:int=1, pin_memory:bool=False)->DataLoader:
+    "The batches of steps `start` .. `cfg.steps - 1` for process `rank`, read ahead by `cfg.num_workers` processes."
+    workers = {'num_workers': cfg.num_workers, 'prefetch_factor': 2} if cfg.num_workers else {}
+    return DataLoader(StepBatches(ds, cfg, rank, world), batch_size=None, sampler=range(start, cfg.steps),
+                      pin_memory=pin_memory, **workers)
 
 # %% ../nbs/09_train.ipynb #d938387b
 def pick_device(name:str='auto')->torch.device:
@@ -121,16 +139,17 @@ def init_distributed(device:torch.device)->tuple:
     return dist.get_rank(), dist.get_world_size()
 
 # %% ../nbs/09_train.ipynb #7fa2c1a4
-RESUME_FREE = {'steps', 'log_every', 'ckpt_every', 'keep_checkpoints', 'max_bad_steps', 'device', 'compile', 'out'}
+RESUME_FREE = {'steps', 'log_every', 'ckpt_every', 'keep_checkpoints', 'max_bad_steps', 'device', 'compile', 'out', 'num_workers'}
 
 def _check_fit(model, ds, cfg):
     "One forward pass on two samples; a shape mismatch becomes a one-line ConfigError."
-    x = ds.x[:2].float()
+    x, y = ds.read(range(min(2, len(ds))))
+    x = x.float()
     try:
-        with torch.no_grad(): out = model(x, torch.full((2,), 0.5), ds.y[:2])
+        with torch.no_grad(): out = model(x, torch.full((len(x),), 0.5), y)
     except (RuntimeError, ValueError, IndexError) as e:
         raise ConfigError(f"dataset={cfg.dataset!r} gives samples of shape {tuple(ds.shape)} that model={cfg.model!r} cannot take ({str(e).splitlines()[0][:120]})") from None
-    if out.shape[0] != 2 or out.shape[2:] != x.shape[2:] or out.shape[1] not in (x.shape[1], 2 * x.shape[1]):
+    if out.shape[0] != len(x) or out.shape[2:] != x.shape[2:] or out.shape[1] not in (x.shape[1], 2 * x.shape[1]):
         raise ConfigError(f"model={cfg.model!r} returns shape {tuple(out.shape[1:])} for samples of shape {tuple(ds.shape)}")
 
 def _model_options(cfg, ds)->dict:
@@ -185,7 +204,8 @@ def _maybe_resume(run:dict):
     if ck_dir is None: return
     ck = load_checkpoint(ck_dir)
     old, new = ck['state']['config'], asdict(run['cfg'])
-    diff = [k for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
+    default = {f.name: f.default for f in fields(TrainConfig)}       # a field added since: the old run had its default
+    diff = [k for k in new if k not in RESUME_FREE and old.get(k, default[k]) != new[k]]
     if diff: raise ConfigError(f"out={run['cfg'].out!r} holds a run with other settings ({', '.join(f'{k}: {old.get(k)!r} != {new[k]!r}' for k in diff)}); allowed: the same settings, or a new --out")
     run['model'].load_state_dict(ck['model']); run['ema'].load_state_dict(ck['ema'])
     run['opt'].load_state_dict(ck['optimizer'])
@@ -274,15 +294,19 @@ def train(cfg:TrainConfig|dict)->dict:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     net, stopped = _net(run), None
     bar = tqdm(total=cfg.steps, initial=run['step'], disable=run['rank'] != 0, desc='train')
+    loader = batch_loader(run['ds'], cfg, run['step'], run['rank'], run['world'], pin_memory=run['device'].type == 'cuda')
     with StopFlag() as flag:
-        while run['step'] < cfg.steps:
-            t0 = time.perf_counter()
-            m = train_step(run, net, _to(draw_batch(run['ds'], run['step'], cfg, run['rank'], run['world']), run['device']))
+        t0 = time.perf_counter()
+        for batch in loader:                                   # read ahead by the workers, if any
+            wait = time.perf_counter() - t0                    # time spent waiting for this batch
+            m = train_step(run, net, _to(batch, run['device']))
             run['step'] += 1; bar.update(1)
             if run['rank'] == 0 and (run['step'] % cfg.log_every == 0 or run['step'] == cfg.steps):
-                _log(run, {'step': run['step'], **m, 'lr': cfg.lr, 'seconds': time.perf_counter() - t0}); bar.set_postfix(loss=f"{m['loss']:.4f}")
+                _log(run, {'step': run['step'], **m, 'lr': cfg.lr, 'seconds': time.perf_counter() - t0, 'data_wait': wait})
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
             if _agree(flag.signal is not None, run, run['device']): stopped = flag.signal or 'signal'; break
             if run['step'] % cfg.ckpt_every == 0: _checkpoint(run)
+            t0 = time.perf_counter()
     bar.close()
     if run['step'] % cfg.ckpt_every or stopped: _checkpoint(run)
     if stopped and run['rank'] == 0: print(f"received {stopped}: checkpointed at step {run['step']} in {cfg.out}; run the same command again to resume")

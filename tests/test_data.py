@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from nag_toolkit.core import ConfigError
-from nag_toolkit.data import get_dataset, save_latent_shard, extract_latents
+from nag_toolkit.data import get_dataset, save_latent_shard, extract_latents, write_latents, folder_dataset, center_crop_arr
 
 
 @pytest.fixture(scope='module')
@@ -49,11 +49,47 @@ def test_latent_shards_roundtrip(tmp_path):
     save_latent_shard(tmp_path / 'shard_00002.safetensors', z[7:].half(), y[7:])
     ds = get_dataset('latents', path=tmp_path)
     assert ds.meta['shards'] == ['shard_00000.safetensors', 'shard_00001.npy', 'shard_00002.safetensors']
-    assert ds.x.dtype == torch.float32 and ds.shape == (4, 2, 2) and ds.num_classes == 10
-    assert torch.equal(ds.x[:7], z[:7]) and torch.allclose(ds.x[7:], z[7:], atol=1e-2)
-    assert torch.equal(ds.y, y)
+    x, yy = ds.read(range(9))
+    assert x.dtype == torch.float32 and ds.shape == (4, 2, 2) and ds.num_classes == 10 and len(ds) == 9
+    assert torch.equal(x[:7], z[:7]) and torch.equal(x[7:], z[7:].half().float())
+    assert torch.equal(yy, y)
     x3, y3 = ds[3]
     assert torch.equal(x3, z[3]) and y3.item() == 1
+    perm = torch.randperm(9, generator=g)                       # any order, repeats, rows of several shards
+    idx = torch.cat([perm, perm[:4]])
+    xr, yr = ds.read(idx)
+    assert torch.equal(xr, x[idx]) and torch.equal(yr, y[idx])
+
+
+def test_latent_shards_keep_the_stored_dtype_and_read_bfloat16(tmp_path):
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    save_latent_shard(tmp_path / 'a', z.bfloat16(), torch.arange(6), metadata={'num_classes': 1000})
+    ds = get_dataset('latents', path=tmp_path)
+    assert ds.meta['dtype'] == 'bfloat16' and ds.num_classes == 1000       # num_classes from the file's metadata
+    x, y = ds.read([5, 0])
+    assert x.dtype == torch.float32 and torch.equal(x, z[[5, 0]].bfloat16().float()) and y.tolist() == [5, 0]
+
+
+def test_latent_shards_pickle_without_their_mapping(tmp_path):
+    import pickle
+    save_latent_shard(tmp_path / 'a', torch.arange(8.).reshape(4, 2), torch.arange(4))
+    ds = get_dataset('latents', path=tmp_path)
+    ds.read([1])                                                 # maps the file
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4000 and torch.equal(pickle.loads(blob).read([3])[0], torch.tensor([[6., 7.]]))
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc/self/status')
+def test_latent_reads_keep_resident_memory_flat(tmp_path):
+    """500 batches of 256 random rows from a 128 MiB shard: the process's file-backed resident memory grows by
+    less than 8 MiB (it would reach about the file's size if the read pages stayed mapped)."""
+    n = 1 << 17
+    save_latent_shard(tmp_path / 'big', torch.zeros(n, 256), torch.zeros(n, dtype=torch.long))
+    ds, g = get_dataset('latents', path=tmp_path, num_classes=1), torch.Generator().manual_seed(0)
+    rss = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssFile')) / 1024
+    before = rss()
+    for _ in range(500): ds.read(torch.randint(n, (256,), generator=g))
+    assert rss() - before < 8
 
 
 def test_latent_errors(tmp_path):
@@ -122,3 +158,74 @@ def test_torchvision_fakedata_is_lazy_and_in_range():
     ds = get_dataset('torchvision', name='FakeData', image_size=8)
     x, y = ds[3]
     assert len(ds) == 1000 and x.shape == (3, 8, 8) and -1 <= x.min() < x.max() <= 1 and 0 <= y.item() < 10
+
+
+def test_folder_crops_as_dit(tmp_path):
+    """A 40x24 RGB image cropped to 8 by the folder loader equals DiT's `center_crop_arr` written out: box-halve
+    (24 >= 16) to 20x12, bicubic to 13x8, middle 8 columns."""
+    a = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    (tmp_path / 'c').mkdir(); Image.fromarray(a).save(tmp_path / 'c' / 'x.png')
+    half = Image.fromarray(a).resize((20, 12), resample=Image.BOX).resize((13, 8), resample=Image.BICUBIC)
+    want = torch.tensor(np.array(half)[:, 2:10]).permute(2, 0, 1).float() / 127.5 - 1
+    x, _ = get_dataset('folder', root=tmp_path, image_size=8)[0]
+    assert torch.allclose(x, want, atol=1e-6)
+
+
+def test_image_datasets_read_batches_in_order(digit_folder):
+    ds = get_dataset('folder', root=digit_folder[0])
+    x, y = ds.read([11, 0, 5])
+    assert x.shape == (3, 3, 8, 8) and y.tolist() == [2, 0, 1]
+    assert torch.equal(x[1], ds[0][0]) and torch.equal(x[0], ds[11][0])
+    fake = get_dataset('torchvision', name='FakeData', image_size=8)
+    xf, yf = fake.read([7, 2])
+    assert torch.equal(xf[0], fake[7][0]) and yf[1].item() == fake[2][1].item()
+
+
+def _tiny_vae(path):
+    "A randomly initialised AutoencoderKL (43 K parameters, 2x downsampling) saved with save_pretrained."
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2,
+                  layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16).save_pretrained(path)
+    return AutoencoderKL.from_pretrained(path).eval()
+
+
+def test_write_latents_splits_resumes_and_matches_the_vae(tmp_path, monkeypatch):
+    """5 images in shards of 2, split over 2 'ranks' (RANK/WORLD_SIZE as torchrun sets them): rank 1 writes shard 1,
+    rank 0 shards 0 and 2; a rerun writes nothing. mode='sample' draws one seeded noise per image, so the rows are
+    mean + std * noise with the noise of `sample_generators(seed, index)`; the stored float16 is that, rounded."""
+    from nag_toolkit.core import sample_generators, randn_per_sample
+    vae = _tiny_vae(tmp_path / 'vae')
+    imgs = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    for i, a in enumerate(imgs):
+        (tmp_path / 'img' / 'k').mkdir(parents=True, exist_ok=True); Image.fromarray(a).save(tmp_path / 'img' / 'k' / f'{i}.png')
+    opts = {'dataset_options': {'root': str(tmp_path / 'img')}, 'vae': str(tmp_path / 'vae'), 'out': str(tmp_path / 'lat'),
+            'shard_size': 2, 'batch_size': 2, 'mode': 'sample', 'seed': 7, 'dtype': 'float16', 'device': 'cpu'}
+    monkeypatch.setenv('RANK', '1'); monkeypatch.setenv('WORLD_SIZE', '2')
+    assert write_latents(opts)['written'] == [1]
+    assert sorted(p.name for p in (tmp_path / 'lat').iterdir()) == ['shard_00001.safetensors']
+    monkeypatch.setenv('RANK', '0')
+    assert write_latents(opts)['written'] == [0, 2] and write_latents(opts)['written'] == []
+    x, _ = folder_dataset(tmp_path / 'img').read(range(5))
+    with torch.no_grad(): dist = vae.encode(x).latent_dist
+    want = (dist.mean + dist.std * randn_per_sample((4, 8, 8), sample_generators(7, range(5)))) * 0.18215
+    z, _ = get_dataset('latents', path=tmp_path / 'lat').read(range(5))
+    assert (z - want).abs().max() < 1e-3                           # float16's rounding (batches of 2 vs 5 round alike)
+    assert (z - dist.mean * 0.18215).abs().max() > 0.05           # and a sample, not the mean
+
+
+def test_latents_cli_and_errors(tmp_path, digit_folder, capsys):
+    import subprocess
+    _tiny_vae(tmp_path / 'vae')
+    r = subprocess.run([sys.executable, '-m', 'nag_toolkit.cli', 'latents', '--dataset', 'folder', '--set', f'dataset_options.root={digit_folder[0]}',
+                        '--vae', str(tmp_path / 'vae'), '--shard-size', '5', '--flip', 'true', '--device', 'cpu', '--out', str(tmp_path / 'lat')],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'wrote 3 shard(s), 0 already finished, of 3' in r.stdout
+    ds = get_dataset('latents', path=tmp_path / 'lat')
+    assert len(ds) == 24 and ds.shape == (4, 4, 4) and ds.num_classes == 3     # 12 images and their flipped copies
+    assert ds.read(range(10))[1].tolist() == [0, 0, 0, 0, 1] * 2                # shard 0: 5 images, then their mirrors
+    from nag_toolkit.cli import main
+    with pytest.raises(SystemExit) as e: main(['latents', '--mode', 'median', '--out', str(tmp_path / 'x')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and "mode='median' is not allowed" in err
