@@ -226,6 +226,7 @@ def test_latents_cli_and_errors(tmp_path, digit_folder, capsys):
     assert len(ds) == 24 and ds.shape == (4, 4, 4) and ds.num_classes == 3     # 12 images and their flipped copies
     assert ds.read(range(10))[1].tolist() == [0, 0, 0, 0, 1] * 2                # shard 0: 5 images, then their mirrors
     from nag_toolkit.cli import main
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e: main(['latents', '--mode', 'median', '--out', str(tmp_path / 'x')])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1 and "mode='median' is not allowed" in err
