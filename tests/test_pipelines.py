@@ -39,3 +39,18 @@ def test_string_with_quotes_and_newlines_passes_through_unchanged(tmp_path):
     r = _papermill(tmp_path / 'q.ipynb', ('out', weird), ('steps', 2), ('batch_size', 16))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (weird / 'metrics.csv').exists()
+
+def test_papermill_trains_from_latent_shards(tmp_path):
+    """`-p dataset latents -y 'dataset_options: {path: DIR}'` trains through the notebook, with a DataLoader worker
+    (an image folder goes the same way with `-p dataset folder -y 'dataset_options: {root: DIR}'`)."""
+    import torch
+    from nag_toolkit.data import save_latent_shard
+    save_latent_shard(tmp_path / 'lat' / 'shard_00000', torch.randn(64, 32).half(), torch.randint(3, (64,)))
+    args = [sys.executable, '-m', 'papermill', str(NB), str(tmp_path / 'lat.ipynb'), '-k', 'nag-toolkit', '--cwd', str(tmp_path),
+            '-p', 'out', str(tmp_path / 'run'), '-p', 'steps', '3', '-p', 'batch_size', '8', '-p', 'dataset', 'latents',
+            '-y', f"dataset_options: {{path: '{tmp_path / 'lat'}'}}", '-y', 'options: {num_workers: 1}']
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / 'run' / 'checkpoints' / 'step_00000003' / 'state.json').read_text())['config']
+    assert (cfg['dataset'], cfg['dataset_options'], cfg['num_workers']) == ('latents', {'path': str(tmp_path / 'lat')}, 1)
+    assert (tmp_path / 'run' / 'loss.png').exists()
