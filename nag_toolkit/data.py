@@ -274,12 +274,20 @@ class MappedArray:
         dt = np.int16 if self.dtype == 'bfloat16' else np.dtype(self.dtype)         # numpy has no bfloat16
         return np.frombuffer(self._mm, dt, count=math.prod(self.shape), offset=self.offset).reshape(self.shape)
 
-    def take(self, rows)->torch.Tensor:
-        "A copy of `rows` (an index array or a slice of the first axis), in the dtype stored on disk."
-        out = torch.from_numpy(np.array(self._array()[rows]))
-        if self.dtype == 'bfloat16': out = out.view(torch.bfloat16)
-        if hasattr(mmap, 'MADV_DONTNEED'): self._mm.madvise(mmap.MADV_DONTNEED)    # resident memory: just the copy
-        return out
+    def take(self, rows, # an index array, or a slice of the first axis
+             chunk:int=8)->torch.Tensor: # rows copied between two releases of the mapped pages
+        "A copy of `rows` in the dtype stored on disk; the mapped pages are released every `chunk` rows."
+        a = self._array()
+        if isinstance(rows, slice): out = np.array(a[rows]); self._release()
+        else:
+            out = np.empty((len(rows), *self.shape[1:]), a.dtype)
+            for s in range(0, len(rows), chunk): out[s:s + chunk] = a[rows[s:s + chunk]]; self._release()
+        out = torch.from_numpy(out)
+        return out.view(torch.bfloat16) if self.dtype == 'bfloat16' else out
+
+    def _release(self):
+        "Unmap the pages read from this process (they stay in the page cache): resident memory holds just the copy."
+        if hasattr(mmap, 'MADV_DONTNEED'): self._mm.madvise(mmap.MADV_DONTNEED)
 
     def __getstate__(self): return {**self.__dict__, '_mm': None}                  # a worker maps the file itself
     def __repr__(self): return f"MappedArray({Path(self.path).name}, {self.dtype}, {self.shape})"
