@@ -47,7 +47,7 @@ test-browser: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/browser
 
 # Benchmarks: ratios measured in one run (not timed tests).
-# Writes bench/results.csv and bench/results.md (shown in README.md, regenerated here); about 15 min on 2 CPU cores.
+# Writes bench/results.csv and bench/results.md (shown in README.md, regenerated here); about 20 min on 2 CPU cores (and 8 GiB of disk for bench_data.py).
 bench: install
 	$(PY) -c "import diffusers" 2>/dev/null || $(PY) -m pip install -e ".[bench]"
 	OMP_NUM_THREADS=1 $(PY) bench/run_all.py

@@ -13,7 +13,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from common import machine, print_rows
-import bench_sampling, bench_train, bench_peer, bench_scaling, bench_study, bench_gpu
+import bench_sampling, bench_train, bench_peer, bench_scaling, bench_study, bench_data, bench_gpu
 
 def allocator_before(quick:bool)->list:
     "bench_sampling's rows with glibc's default allocator settings (before the fix), in a fresh process."
@@ -29,6 +29,7 @@ SECTIONS = {  # name: (what, function) in the order of the issue's list
     'peer': ('against diffusers', lambda q: bench_peer.rows(q)),
     'study': ('the study end to end', lambda q: bench_study.rows(q)),
     'scaling': ('scaling', lambda q: bench_scaling.rows(q)),
+    'data': ('training from memory-mapped latent shards', lambda q: bench_data.rows(q)),
     'gpu': ('GPU', lambda q: bench_gpu.rows(q)),
 }
 

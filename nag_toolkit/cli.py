@@ -160,8 +160,10 @@ def _eval_flags(p:argparse.ArgumentParser):
     _config_flags(p, EvalConfig, 'evaluation', 'reference_options.root=DIR')
 
 COMMANDS['latents'] = (cmd_latents, _latents_flags,
-                       'encode an image folder or torchvision set into latent shards (resumes; torchrun splits the shards)')
-COMMANDS['eval'] = (cmd_eval, _eval_flags, 'FID, IS, precision/recall of sample shards against a reference (writes eval.json)')
+                       'encode an image folder or torchvision set into latent shards '
+                       '(resumes; torchrun splits the shards)')
+COMMANDS['eval'] = (cmd_eval, _eval_flags,
+                    'FID, IS, precision/recall of sample shards against a reference (writes eval.json)')
 
 # %% ../nbs/10_cli.ipynb #bcb9ee2b
 #| eval: false

@@ -27,7 +27,8 @@ def as_indices(indices, # a list, range, numpy array or tensor of row numbers
                n:int)->torch.Tensor: # the dataset's length
     "`indices` as a 1-D int64 tensor; an index outside [0, n) raises `IndexError`."
     if isinstance(indices, range): indices = np.arange(indices.start, indices.stop, indices.step)
-    i = torch.as_tensor(np.asarray(indices) if isinstance(indices, (list, tuple)) else indices, dtype=torch.long).reshape(-1)
+    if isinstance(indices, (list, tuple)): indices = np.asarray(indices)
+    i = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
     if len(i) and (int(i.min()) < 0 or int(i.max()) >= n):
         raise IndexError(f"indices range over [{int(i.min())}, {int(i.max())}]; allowed: [0, {n})")
     return i
@@ -43,7 +44,7 @@ class BatchDataset(Dataset):
         x, y = self.read([i])
         return x[0], y[0]
     shape = property(lambda self: tuple(self.read([0])[0].shape[1:]), doc="Shape of one sample.")
-    num_classes = property(lambda self: self.meta.get('num_classes', 1), doc="Number of classes (`meta['num_classes']`).")
+    num_classes = property(lambda self: self.meta.get('num_classes', 1), doc="Number of classes (`meta[...]`).")
 
 class ArrayDataset(BatchDataset):
     "Tensors held in memory: `ds.read(i)` is `(x[i], y[i])`, with `y = 0` where there are no labels."
@@ -237,7 +238,8 @@ def save_latent_shard(path, # file to write; '.safetensors' is appended if missi
     if labels.shape != (len(latents),): raise ConfigError(f"labels has shape {tuple(labels.shape)}; allowed: ({len(latents)},)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    save_file({'latents': latents, 'labels': labels}, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    strings = {k: str(v) for k, v in (metadata or {}).items()}
+    save_file({'latents': latents, 'labels': labels}, str(tmp), metadata=strings)
     os.replace(tmp, path)
     return path
 
@@ -258,7 +260,7 @@ def _npy_header(p:Path)->tuple:
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(f)
-        if fortran: raise ConfigError(f"shard {p.name} is stored in Fortran order; allowed: C order (np.save of a C array)")
+        if fortran: raise ConfigError(f"shard {p.name} is in Fortran order; allowed: C order (np.save of a C array)")
         return dtype.name, tuple(shape), f.tell()
 
 # %% ../nbs/03_data.ipynb #f8b0abd5
@@ -302,13 +304,16 @@ def _open_shard(p:Path)->tuple:
     if p.suffix == '.safetensors':
         arrays, meta = _safetensors_header(p)
         for k in ('latents', 'labels'):
-            if k not in arrays: raise ConfigError(f"shard {p.name} has no tensor {k!r}; allowed: a file with tensors 'latents' and 'labels'")
+            if k not in arrays:
+                raise ConfigError(f"shard {p.name} has no tensor {k!r}; "
+                                  "allowed: a file with tensors 'latents' and 'labels'")
         z, y = (MappedArray(p, *arrays[k]) for k in ('latents', 'labels'))
     else:
         lp, meta = p.with_name(p.stem + '_labels.npy'), {}
         if not lp.exists(): raise ConfigError(f"shard {p.name} has no labels file {lp.name}")
         z, y = MappedArray(p, *_npy_header(p)), MappedArray(lp, *_npy_header(lp))
-    if y.shape != z.shape[:1]: raise ConfigError(f"shard {p.name} has labels of shape {y.shape}; allowed: ({z.shape[0]},)")
+    if y.shape != z.shape[:1]:
+        raise ConfigError(f"shard {p.name} has labels of shape {y.shape}; allowed: ({z.shape[0]},)")
     return z, y, meta
 
 def _shard_files(path)->list:
@@ -327,10 +332,12 @@ class LatentShards(BatchDataset):
         self.latents, self.labels, metas = map(list, zip(*(_open_shard(p) for p in files)))
         for p, z in zip(files, self.latents):
             if z.shape[1:] != self.latents[0].shape[1:]:
-                raise ConfigError(f"shard {p.name} has latents of shape {z.shape[1:]}; allowed: {self.latents[0].shape[1:]} as in {files[0].name}")
+                raise ConfigError(f"shard {p.name} has latents of shape {z.shape[1:]}; "
+                                  f"allowed: {self.latents[0].shape[1:]} as in {files[0].name}")
         self.starts = np.cumsum([0] + [z.shape[0] for z in self.latents])
         stored = [int(m['num_classes']) for m in metas if 'num_classes' in m]
-        self.meta = {'name': 'latents', 'path': str(path), 'shards': [p.name for p in files], 'dtype': self.latents[0].dtype,
+        self.meta = {'name': 'latents', 'path': str(path), 'shards': [p.name for p in files],
+                     'dtype': self.latents[0].dtype,
                      'num_classes': num_classes or (max(stored) if stored else self._max_label() + 1)}
 
     def __len__(self): return int(self.starts[-1])
@@ -348,9 +355,11 @@ class LatentShards(BatchDataset):
 
     def _max_label(self, chunk:int=1 << 20)->int:
         "The largest label, scanned in chunks of `chunk` rows."
-        return max([int(l.take(slice(a, a + chunk)).max()) for l in self.labels for a in range(0, l.shape[0], chunk)] or [0])
+        return max([int(l.take(slice(a, a + chunk)).max()) for l in self.labels for a in range(0, l.shape[0], chunk)]
+                   or [0])
 
-    def __repr__(self): return f"LatentShards({self.meta['path']}, n={len(self)}, shape={self.shape}, {self.meta['dtype']} on disk)"
+    def __repr__(self):
+        return f"LatentShards({self.meta['path']}, n={len(self)}, shape={self.shape}, {self.meta['dtype']} on disk)"
 
 def latent_dataset(path, # a folder of latent shards
                    num_classes:int|None=None)->LatentShards: # None: from the shards' metadata or labels
@@ -359,7 +368,7 @@ def latent_dataset(path, # a folder of latent shards
 
 # %% ../nbs/03_data.ipynb #a9e67503
 def _load_vae(model_id:str, device):
-    "diffusers' `AutoencoderKL` from `model_id` (a local folder, or a hub name downloaded once), in eval mode on `device`."
+    "diffusers' `AutoencoderKL` from `model_id` (a local folder, or a hub name downloaded once), in eval mode."
     try: from diffusers import AutoencoderKL
     except ImportError:
         raise ConfigError('extract_latents needs diffusers, which is missing; install it with: pip install -e ".[latents]"') from None
@@ -442,7 +451,8 @@ def _encode(vae, x, indices, cfg:LatentsConfig)->torch.Tensor:
     device, dtype = _vae_device_dtype(vae, x)
     dist = vae.encode(x.to(device, dtype)).latent_dist
     z = dist.mean
-    if cfg.mode == 'sample': z = z + dist.std * randn_per_sample(z.shape[1:], sample_generators(cfg.seed, indices, device), device, z.dtype)
+    if cfg.mode == 'sample':                                  # one generator per image: the split does not matter
+        z = z + dist.std * randn_per_sample(z.shape[1:], sample_generators(cfg.seed, indices, device), device, z.dtype)
     return z.float().cpu() * cfg.scale
 
 @torch.no_grad()
@@ -462,7 +472,8 @@ def _encode_shard(vae, ds, start:int, stop:int, cfg:LatentsConfig, bar)->tuple:
 def _vae_device(name:str)->torch.device:
     "The device to encode on: CUDA of this process's local rank when available for 'auto'."
     if name != 'auto': return torch.device(name)
-    return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
+    if not torch.cuda.is_available(): return torch.device('cpu')
+    return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
 
 def write_latents(cfg:LatentsConfig|dict, # the options (a `LatentsConfig` or a dict of its fields)
                   vae=None)->dict: # an `AutoencoderKL` already loaded; None: load `cfg.vae`
@@ -481,6 +492,7 @@ def write_latents(cfg:LatentsConfig|dict, # the options (a `LatentsConfig` or a 
     with tqdm(total=sum(b - a for a, b in map(span, todo)), unit='img', desc='latents', disable=rank != 0) as bar:
         for k in todo:
             z, y = _encode_shard(vae, ds, *span(k), cfg, bar)
-            save_latent_shard(out / f'shard_{k:05d}', z.to(getattr(torch, cfg.dtype)), y, {**meta, 'rows': f'{span(k)[0]}:{span(k)[1]}'})
+            rows = f'{span(k)[0]}:{span(k)[1]}'
+            save_latent_shard(out / f'shard_{k:05d}', z.to(getattr(torch, cfg.dtype)), y, {**meta, 'rows': rows})
     return {'out': str(out), 'written': todo, 'skipped': [k for k in mine if k not in todo], 'n_shards': n_shards,
             'rank': rank, 'world': world}

@@ -573,7 +573,8 @@ EvalConfig.from_dict = staticmethod(lambda d: config_from_dict(EvalConfig, d, 'e
 def dataset_images(ds)->Images:
     "The images of a dataset of `nag_toolkit.data` (floats in [-1, 1], `[C, H, W]`) as uint8 batches."
     if ds.meta.get('name') == 'latents' or len(ds.shape) != 3:
-        raise ConfigError(f"reference_dataset holds samples of shape {tuple(ds.shape)}; allowed: images [C, H, W] (decode latents first)")
+        raise ConfigError(f"reference_dataset holds samples of shape {tuple(ds.shape)}; "
+                          "allowed: images [C, H, W] (decode latents first)")
     batches = lambda bs: (to_uint8(ds.read(range(i, min(i + bs, len(ds))))[0]) for i in range(0, len(ds), bs))
     return Images(batches, len(ds), str(ds.meta.get('name', 'dataset')))
 
@@ -592,13 +593,16 @@ def _eval_reference(cfg:EvalConfig):
 def _eval_metrics(f:dict, ref:dict|None, stats, layers:dict, cfg:EvalConfig)->dict:
     "All metrics from sample features `f`, reference features `ref` (or None) and npz statistics `stats` (or None)."
     fl = layers['fid']
-    res = _feature_metrics(f, ref, layers, cfg.kid_subset_size, cfg.kid_subsets, cfg.prc_neighborhood, cfg.seed) if ref else {}
+    res = {} if ref is None else _feature_metrics(f, ref, layers, cfg.kid_subset_size, cfg.kid_subsets,
+                                                  cfg.prc_neighborhood, cfg.seed)
     if ref is None and 'isc' in layers:
         isc = isc_features_to_metric(f[layers['isc']], splits=10, shuffle=True, rng_seed=cfg.seed)
-        res.update(isc_mean=isc['inception_score_mean'], isc_std=isc['inception_score_std'], n_samples=len(f[fl]), n_reference=None)
+        res.update(isc_mean=isc['inception_score_mean'], isc_std=isc['inception_score_std'],
+                   n_samples=len(f[fl]), n_reference=None)
     if stats is not None:
         if stats[0].shape != (f[fl].shape[1],):
-            raise ConfigError(f"the reference mu has shape {tuple(stats[0].shape)}; {cfg.feature_extractor!r} gives {f[fl].shape[1]} features: use the feature network that made it")
+            raise ConfigError(f"the reference mu has shape {tuple(stats[0].shape)}; {cfg.feature_extractor!r} gives "
+                              f"{f[fl].shape[1]} features: use the feature network that made it")
         res['fid'] = frechet_distance(*gaussian_stats(f[fl]), *stats)
     return {**res, 'fid_reference': 'npz mu/sigma' if stats is not None else 'reference features'}
 

@@ -112,7 +112,8 @@ def batch_loss(model, batch:dict, path, pred:str, ip_gamma:float=0.0):
 # %% ../nbs/09_train.ipynb #8c89eaa8
 class StepBatches(Dataset):
     "Step `k`'s batch for process `rank`, as a dataset indexed by step (what `DataLoader` workers read ahead)."
-    def __init__(self, ds, cfg:TrainConfig, rank:int=0, world:int=1): self.ds, self.cfg, self.rank, self.world = ds, cfg, rank, world
+    def __init__(self, ds, cfg:TrainConfig, rank:int=0, world:int=1):
+        self.ds, self.cfg, self.rank, self.world = ds, cfg, rank, world
     def __len__(self): return self.cfg.steps
     def __getitem__(self, step:int)->dict: return draw_batch(self.ds, step, self.cfg, self.rank, self.world)
 
@@ -139,7 +140,8 @@ def init_distributed(device:torch.device)->tuple:
     return dist.get_rank(), dist.get_world_size()
 
 # %% ../nbs/09_train.ipynb #7fa2c1a4
-RESUME_FREE = {'steps', 'log_every', 'ckpt_every', 'keep_checkpoints', 'max_bad_steps', 'device', 'compile', 'out', 'num_workers'}
+RESUME_FREE = {'steps', 'log_every', 'ckpt_every', 'keep_checkpoints', 'max_bad_steps', 'device', 'compile', 'out',
+               'num_workers'}
 
 def _check_fit(model, ds, cfg):
     "One forward pass on two samples; a shape mismatch becomes a one-line ConfigError."
@@ -294,7 +296,8 @@ def train(cfg:TrainConfig|dict)->dict:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     net, stopped = _net(run), None
     bar = tqdm(total=cfg.steps, initial=run['step'], disable=run['rank'] != 0, desc='train')
-    loader = batch_loader(run['ds'], cfg, run['step'], run['rank'], run['world'], pin_memory=run['device'].type == 'cuda')
+    cuda = run['device'].type == 'cuda'
+    loader = batch_loader(run['ds'], cfg, run['step'], run['rank'], run['world'], pin_memory=cuda)
     with StopFlag() as flag:
         t0 = time.perf_counter()
         for batch in loader:                                   # read ahead by the workers, if any
@@ -302,7 +305,8 @@ def train(cfg:TrainConfig|dict)->dict:
             m = train_step(run, net, _to(batch, run['device']))
             run['step'] += 1; bar.update(1)
             if run['rank'] == 0 and (run['step'] % cfg.log_every == 0 or run['step'] == cfg.steps):
-                _log(run, {'step': run['step'], **m, 'lr': cfg.lr, 'seconds': time.perf_counter() - t0, 'data_wait': wait})
+                _log(run, {'step': run['step'], **m, 'lr': cfg.lr, 'seconds': time.perf_counter() - t0,
+                           'data_wait': wait})
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
             if _agree(flag.signal is not None, run, run['device']): stopped = flag.signal or 'signal'; break
             if run['step'] % cfg.ckpt_every == 0: _checkpoint(run)
