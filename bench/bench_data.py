@@ -12,7 +12,7 @@ Prints the machine, then one row per measurement (made in this one run):
   3. two gloo processes (`torchrun --standalone --nproc_per_node=2`) on float16 shards: each rank's reads are
      logged and checked to be exactly its half of every step's global batch (disjoint, together the whole batch),
      and the weights after training agree with one process (goal: largest difference <= 1e-5).
-Run: python bench/bench_data.py [--quick]      (about 5 min on 2 CPU cores and 8 GiB of disk; --quick: smaller folders)
+Run: python bench/bench_data.py [--quick] [--json]    (about 5 min on 2 CPU cores and 8 GiB of disk; --quick: smaller folders)
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -146,9 +146,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='smaller folders, fewer repeats (about 1 min)')
     ap.add_argument('--threads', type=int, default=1, help='torch threads (also given to the training subprocesses)')
+    ap.add_argument('--json', action='store_true', help='also print the rows as JSON (to merge into results.csv)')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(machine())
-    print_rows(rows(a.quick))
+    rs = rows(a.quick)
+    print_rows(rs)
+    if a.json: print(json.dumps(rs))
 
 if __name__ == '__main__': main()
