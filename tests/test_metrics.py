@@ -238,3 +238,46 @@ def test_missing_inception_weights_offline_say_how_to_provide_them(digits, tmp_p
     np.savez(tmp_path / 's.npz', np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(ConfigError, match='pass inception_weights=PATH'):          # fid_from_npz defaults to Inception
         fid_from_npz(tmp_path / 's.npz', tmp_path / 's.npz', num_samples=None, download=False, cache_dir=tmp_path)
+
+
+# --- nag-toolkit eval ----------------------------------------------------------------------------------------------
+
+def test_eval_matches_torch_fidelity_and_writes_one_json(net, digits, tmp_path):
+    """`evaluate` on two npz sample shards against the digits dataset gives torch-fidelity's own FID, precision,
+    recall and Inception Score (calculate_metrics on the same uint8 images, same extractor and seed)."""
+    import json
+    from nag_toolkit.metrics import evaluate
+    samples, nhwc = digits[1::2], lambda x: to_uint8(x).permute(0, 2, 3, 1).numpy()
+    (tmp_path / 's').mkdir()
+    np.savez(tmp_path / 's' / 'shard_00000.npz', nhwc(samples[:300])); np.savez(tmp_path / 's' / 'shard_00001.npz', nhwc(samples[300:]))
+    res = evaluate({'samples': str(tmp_path / 's'), 'reference_dataset': 'digits', 'feature_extractor': 'nag-digits',
+                    'feature_net_path': str(net.path), 'cache_dir': str(tmp_path / 'cache'), 'device': 'cpu', 'kid_subsets': 10})
+    tf = torch_fidelity.calculate_metrics(input1=UInt8Images(samples), input2=UInt8Images(digits), feature_extractor='nag-digits',
+                                          feature_extractor_weights_path=str(net.path), fid=True, isc=True, prc=True, cuda=False,
+                                          cache=False, save_cpu_ram=True, verbose=False)
+    assert res['fid'] == pytest.approx(tf['frechet_inception_distance'], rel=1e-4)
+    assert (res['precision'], res['recall']) == pytest.approx((tf['precision'], tf['recall']), abs=1e-6)
+    assert res['isc_mean'] == pytest.approx(tf['inception_score_mean'], rel=1e-4)
+    assert (res['n_samples'], res['n_reference'], res['fid_reference']) == (len(samples), len(digits), 'reference features')
+    assert json.loads((tmp_path / 's' / 'eval.json').read_text())['fid'] == res['fid']
+
+
+def test_eval_command_against_an_adm_style_npz_and_its_errors(net, digits, tmp_path, capsys):
+    """`nag-toolkit eval --reference REF.npz` with ADM's layout (arr_0 images plus mu/sigma): the FID comes from mu/sigma
+    (here those of other images, so it differs from the FID against arr_0's features), precision/recall from arr_0."""
+    import json
+    from nag_toolkit.cli import main
+    nhwc = lambda x: to_uint8(x).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / 'samples.npz', nhwc(digits[:500]))
+    fe = load_feature_extractor('nag-digits', ['features'], net.path, device='cpu')
+    mu, sigma = gaussian_stats(M.extract_features(fe, as_images(digits[1000:]))['features'])
+    np.savez(tmp_path / 'ref.npz', nhwc(digits[500:1000]), mu=mu.numpy(), sigma=sigma.numpy())
+    common = ['--feature-extractor', 'nag-digits', '--feature-net-path', str(net.path), '--cache-dir', str(tmp_path / 'c'), '--device', 'cpu']
+    main(['eval', '--samples', str(tmp_path / 'samples.npz'), '--reference', str(tmp_path / 'ref.npz'), '--out', str(tmp_path / 'e'), *common])
+    assert 'fid ' in capsys.readouterr().out
+    res = json.loads((tmp_path / 'e' / 'eval.json').read_text())
+    f = M.extract_features(fe, as_images(digits[:500]))['features']
+    assert res['fid'] == pytest.approx(frechet_distance(*gaussian_stats(f), mu, sigma), rel=1e-6) and res['fid_reference'] == 'npz mu/sigma'
+    assert 0 < res['precision'] <= 1 and res['n_reference'] == 500
+    with pytest.raises(SystemExit) as e: main(['eval', '--samples', str(tmp_path / 'samples.npz'), *common])
+    assert e.value.code == 2 and 'give one of reference (a path) or reference_dataset' in capsys.readouterr().err
