@@ -145,6 +145,9 @@ RESUME_FREE = {'steps', 'log_every', 'ckpt_every', 'keep_checkpoints', 'max_bad_
 
 def _check_fit(model, ds, cfg):
     "One forward pass on two samples; a shape mismatch becomes a one-line ConfigError."
+    if cfg.hflip and len(ds.shape) != 3:
+        raise ConfigError(f"hflip=True flips images [C, H, W]; dataset={cfg.dataset!r} gives samples of shape "
+                          f"{tuple(ds.shape)}")
     x, y = ds.read(range(min(2, len(ds))))
     x = x.float()
     try:

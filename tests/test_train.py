@@ -38,7 +38,9 @@ def test_resume_refuses_other_settings_and_keeps_the_run(tmp_path):
 @pytest.mark.parametrize('bad,match', [
     ({'model': 'unet9'}, "model='unet9'"), ({'p_drop': 1.0}, r'p_drop=1.0 is out of range; allowed: \[0, 1\)'),
     ({'dataset': 'digits', 'dataset_options': {}, 'model': 'mlp'}, "dataset='digits' gives samples of shape"), ({'dataset': 'imagenet'}, "dataset='imagenet'"),
-    ({'finetune_from': '/nonexistent/ckpt'}, "finetune_from='/nonexistent/ckpt' does not exist"), ({'batchsize': 3}, "'batchsize' is not a training option")])
+    ({'finetune_from': '/nonexistent/ckpt'}, "finetune_from='/nonexistent/ckpt' does not exist"), ({'batchsize': 3}, "'batchsize' is not a training option"),
+    ({'hflip': True}, r"hflip=True flips images \[C, H, W\]; dataset='gmm32' gives samples of shape \(32,\)"),
+    ({'num_workers': -1}, r"num_workers=-1 is out of range")])
 def test_bad_config_fails_on_one_line_before_any_work(tmp_path, bad, match):
     with pytest.raises(ConfigError, match=match) as e: T.train({**SMALL, 'steps': 2, 'out': str(tmp_path / 'run'), **bad})
     assert '\n' not in str(e.value)
