@@ -91,7 +91,7 @@ def build_estimator(sample_shape, # the shape of one sample, e.g. (32,) or (1, 8
 def estimator_batch(est:NoiseLevelEstimator, ds, path, step:int, batch_size:int, seed:int):
     "Forward states `x_t` and their bin labels for one training step."
     g = torch.Generator().manual_seed(sample_seed(seed, step))
-    x0 = ds.x[torch.randint(len(ds), (batch_size,), generator=g)].float()
+    x0 = ds.read(torch.randint(len(ds), (batch_size,), generator=g))[0].float()   # any dataset of nag_toolkit.data
     b = torch.randint(est.bins, (batch_size,), generator=g)
     lo, hi = est.edges.cpu()[b], est.edges.cpu()[b + 1]
     t = lo + (hi - lo) * torch.rand(batch_size, generator=g)

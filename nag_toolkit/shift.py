@@ -47,7 +47,7 @@ def dataset_reference(ds, path, seed:int=0):
     "Forward states of a dataset: a function (n, t) -> x_t."
     g, path = torch.Generator().manual_seed(seed), get_interpolant(path)
     def ref(n, t):
-        x0 = ds.x[torch.randint(len(ds), (n,), generator=g)].float()
+        x0 = ds.read(torch.randint(len(ds), (n,), generator=g))[0].float()
         return path.add_noise(x0, t, torch.randn(x0.shape, generator=g))
     return ref
 
