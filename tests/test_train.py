@@ -204,16 +204,19 @@ def test_a_run_from_before_new_fields_resumes(tmp_path):
 
 def test_ddp_on_latent_shards_with_workers_matches_one_process(tmp_path):
     """torchrun, 2 gloo processes, each reading only its half of every batch from memory-mapped float16 shards through
-    one DataLoader worker: after 6 steps the weights agree with one process to 1e-5. (The MLP, as in the test above:
-    a network with biases just before a GroupNorm gets ~0 gradients there, which Adam turns into lr-sized steps of
-    rounding noise, so its two runs differ by ~1e-4 whatever the data path.)"""
+    one DataLoader worker, stopped at step 3 and resumed to 6: the weights agree with one straight process to 1e-5.
+    (The MLP, as in the test above: a network with biases just before a GroupNorm gets ~0 gradients there, which Adam
+    turns into lr-sized steps of rounding noise, so its two runs differ by ~1e-4 whatever the data path.)"""
     lat = _latent_folder(tmp_path / 'lat', shape=(32,))
     args = ['train', '--dataset', 'latents', '--set', f'dataset_options.path={lat}', '--set', 'model_options.width=64',
             '--set', 'model_options.depth=2', '--batch-size', '16', '--steps', '6', '--device', 'cpu']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'nag_toolkit.cli', *args,
-                        '--num-workers', '1', '--out', str(tmp_path / 'ddp')], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    for steps in ('3', '6'):                                  # the same command again resumes
+        r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'nag_toolkit.cli',
+                            *args, '--steps', steps, '--num-workers', '1', '--out', str(tmp_path / 'ddp')], capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / 'ddp' / 'checkpoints').glob('step_*')) == ['step_00000003', 'step_00000006']
     from nag_toolkit.cli import main
     main([*args, '--out', str(tmp_path / 'one')])
     (m2, _, s2), (m1, _, s1) = _weights(tmp_path / 'ddp'), _weights(tmp_path / 'one')
