@@ -371,7 +371,8 @@ def _load_vae(model_id:str, device):
     "diffusers' `AutoencoderKL` from `model_id` (a local folder, or a hub name downloaded once), in eval mode."
     try: from diffusers import AutoencoderKL
     except ImportError:
-        raise ConfigError('extract_latents needs diffusers, which is missing; install it with: pip install -e ".[latents]"') from None
+        raise ConfigError('encoding with a VAE needs diffusers, which is missing; '
+                          'install it with: pip install -e ".[latents]"') from None
     return AutoencoderKL.from_pretrained(model_id).eval().to(device)
 
 def _vae_device_dtype(vae, x):
