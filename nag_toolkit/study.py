@@ -6,7 +6,10 @@
 from __future__ import annotations
 import dataclasses, json, math, shutil, subprocess, sys, time
 from dataclasses import dataclass, field, asdict
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 import torch, pandas as pd
 import matplotlib
 import matplotlib.pyplot as plt
@@ -14,18 +17,24 @@ from tqdm.auto import tqdm
 from .core import ConfigError, check_choice, check_range, config_from_dict, sample_generators, randn_per_sample
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
-from .samplers import sample_euler, sample_heun, sample_euler_maruyama, time_grid
+from .samplers import sample_euler, sample_heun, sample_euler_maruyama, sample_dpmpp_2m, time_grid
 from .guidance import Denoiser, GuidedDenoiser, ClassifierNAG, EpsScaling, TimeShift, MixtureModel, interp_log_posterior
 from .train import TrainConfig, train, training_report, load_trained
 from .estimator import build_estimator, train_estimator, save_estimator, load_estimator, calibration
-from .shift import ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table, mixture_reference, dataset_reference, fit_error_scale, predicted_shift, plot_posterior_heatmap, plot_shift_curves
-from .metrics import mixture_metrics, image_metrics
+from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table, mixture_reference,
+                               dataset_reference, fit_error_scale, predicted_shift, plot_posterior_heatmap, plot_shift_curves)
+from .metrics import (mixture_metrics, load_feature_extractor, extract_features, reference_features, metric_layers,
+                                 as_images, _feature_metrics)
+from .intervals import (boot_indices, mixture_boot, image_boot, low_t_shift, add_intervals, pool_seeds, MIXTURE_BOOT,
+                                   IMAGE_BOOT)
 
 # %% auto #0
-__all__ = ['STUDY_DATASETS', 'SAMPLERS', 'SHIFT_METHODS', 'HEADLINE', 'HEADLINE_IMAGES', 'PIPELINES', 'QUICK', 'StudyConfig',
-           'study_from_dict', 'stage_train', 'stage_estimator', 'forward_check', 'make_methods', 'start_noise',
-           'one_run', 'stage_evaluate', 'fig_shift_vs_steps', 'fig_heatmaps', 'fig_shift_curves', 'fig_samplers',
-           'fig_metrics_vs_w', 'fig_statement1', 'headline', 'md_table', 'write_report', 'run_study']
+__all__ = ['STUDY_DATASETS', 'SAMPLERS', 'BUILDERS', 'SHIFT_METHODS', 'CELL', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER',
+           'SAMPLER_NAMES', 'GUIDED', 'PIPELINES', 'QUICK', 'StudyConfig', 'study_from_dict', 'stage_train',
+           'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods', 'start_noise', 'Scorer', 'one_run',
+           'stage_evaluate', 'fig_shift_vs_steps', 'fig_heatmaps', 'fig_shift_curves', 'fig_samplers',
+           'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt', 'headline', 'md_table', 'claim', 'findings',
+           'findings_md', 'fig_sample_grid', 'write_report', 'run_study', 'pool_studies']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -42,10 +51,15 @@ class StudyConfig:
     n_shift: int = 256              # samples whose trajectories are read for the shift
     steps: list = field(default_factory=lambda: [8, 32])            # sweep step counts
     shift_steps: list = field(default_factory=lambda: [8, 16, 32, 64, 128, 250])   # shift against steps
-    samplers: list = field(default_factory=lambda: ['euler', 'euler_maruyama'])   # 'heun' too, on request
+    samplers: list = field(default_factory=lambda: ['euler', 'euler_maruyama'])   # 'heun' and 'dpmpp_2m' too, on request
     w_nag: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 3.0])   # classifier-free NAG weights
     w_cb: list = field(default_factory=lambda: [0.5, 1.0, 2.0])               # classifier-based NAG weights
+    baselines: bool = True          # run epsilon scaling and the time-shift sampler too
+    exact: bool = True              # on a mixture, run the exact score and the exact NAGs too
     eps_b: float = 1.005            # epsilon scaling lambda_t = b (k = 0)
+    n_boot: int = 100               # bootstrap resamples of every interval
+    level: float = 0.95             # the intervals' level
+    seeds: int = 1                  # independently trained denoisers and estimators (seed, seed + 1, ...), pooled in the intervals
     seed: int = 0
     notebooks: bool = True          # run the pipeline notebooks through papermill (else in-process)
 
@@ -56,7 +70,8 @@ def study_from_dict(d:dict)->StudyConfig:
     cfg = config_from_dict(StudyConfig, d, 'study option')
     check_choice('dataset', cfg.dataset, STUDY_DATASETS); check_choice('path', cfg.path, INTERPOLANTS)
     for s in cfg.samplers: check_choice('samplers', s, SAMPLERS)
-    for name in ('train_steps', 'estimator_steps', 'n_samples', 'n_shift', 'batch_size'): check_range(name, getattr(cfg, name), 1)
+    for name in ('train_steps', 'estimator_steps', 'n_samples', 'n_shift', 'batch_size', 'seeds'): check_range(name, getattr(cfg, name), 1)
+    check_range('n_boot', cfg.n_boot, 20); check_range('level', cfg.level, 0, 1, lo_open=True, hi_open=True)
     check_range('p_drop', cfg.p_drop, 0, 1, hi_open=True)
     return cfg
 
@@ -66,9 +81,12 @@ StudyConfig.from_dict = staticmethod(study_from_dict)
 def _em(den, x, ts, path, callback=None, generators=None):
     return sample_euler_maruyama(den, x, ts, path, callback=callback, generators=generators)
 
-SAMPLERS = {'euler': lambda den, x, ts, path, callback=None, generators=None: sample_euler(den, x, ts, path, callback=callback),
-            'heun': lambda den, x, ts, path, callback=None, generators=None: sample_heun(den, x, ts, path, callback=callback),
-            'euler_maruyama': _em}
+def _deterministic(sampler):
+    "A deterministic sampler in the study's signature (it takes and ignores `generators`)."
+    return lambda den, x, ts, path, callback=None, generators=None: sampler(den, x, ts, path, callback=callback)
+
+SAMPLERS = {'euler': _deterministic(sample_euler), 'heun': _deterministic(sample_heun), 'euler_maruyama': _em,
+            'dpmpp_2m': _deterministic(sample_dpmpp_2m)}
 
 # %% ../nbs/15_study.ipynb #a8878eb0
 def _model(cfg:StudyConfig)->str: return 'digits' if cfg.dataset == 'digits' else 'mlp'
@@ -104,52 +122,119 @@ def forward_check(est, ds, path, t_bins:int=10, n_per_bin:int=256, seed:int=0)->
     return pd.DataFrame(rows)
 
 # %% ../nbs/15_study.ipynb #644bb5e2
-def make_methods(cfg:StudyConfig, den:Denoiser, est, gm, data_var:float)->dict:
-    "Name -> (x0 denoiser, method family, weight) for every method of the sweep (the exact ones where `gm` is a mixture)."
-    path = get_interpolant(cfg.path)
-    learned = {'none': (den, 'none', 0.0), 'eps scaling': (EpsScaling(den, k=0.0, b=cfg.eps_b), 'eps scaling', 0.0),
-               'time shift': (TimeShift(den, data_var=data_var), 'time shift', 0.0)}
-    learned.update({f'cb-NAG w={w:g}': (ClassifierNAG(den, w, log_g=est.log_prob_t), 'cb-NAG', w) for w in cfg.w_cb})
-    learned.update({f'cf-NAG w={w:g}': (GuidedDenoiser(den, w_nag=w), 'cf-NAG', w) for w in cfg.w_nag})
-    if gm is None: return learned
-    exact = Denoiser(MixtureModel(gm, path, pred='v'), path)
+@dataclass(frozen=True)
+class Method:
+    "One method of the sweep: its name in the tables, its family, its guidance weight, and how to build its x0 denoiser."
+    name: str
+    family: str
+    w: float
+    build: Callable     # build(ctx) -> a denoiser (x, t) -> x0 hat; ctx: den, est, gm, path, data_var, cfg
+
+def _exact_den(ctx): return Denoiser(MixtureModel(ctx.gm, ctx.path, pred='v'), ctx.path)
+
+def _exact_log_g(ctx):
+    "log p(t | x) of the mixture, exact on a grid and interpolated in t."
     grid = torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64)
-    exact_log_g = lambda x, t: interp_log_posterior(torch.log_softmax(gm.log_prob_grid(x, grid, path), -1), grid, t)
-    exact_methods = {'exact score': (exact, 'exact', 0.0),
-                     'exact cf-NAG w=1': (GuidedDenoiser(exact, w_nag=1.0), 'exact cf-NAG', 1.0),
-                     'exact cb-NAG w=1': (ClassifierNAG(exact, 1.0, log_g=exact_log_g), 'exact cb-NAG', 1.0)}
-    return {**exact_methods, **learned}
+    return lambda x, t: interp_log_posterior(torch.log_softmax(ctx.gm.log_prob_grid(x, grid, ctx.path), -1), grid, t)
+
+BUILDERS = {'none': lambda ctx: ctx.den,
+            'eps scaling': lambda ctx: EpsScaling(ctx.den, k=0.0, b=ctx.cfg.eps_b),
+            'time shift': lambda ctx: TimeShift(ctx.den, data_var=ctx.data_var),
+            'cb-NAG': lambda ctx, w: ClassifierNAG(ctx.den, w, log_g=ctx.est.log_prob_t),
+            'cf-NAG': lambda ctx, w: GuidedDenoiser(ctx.den, w_nag=w),
+            'exact': _exact_den,
+            'exact cf-NAG': lambda ctx, w: GuidedDenoiser(_exact_den(ctx), w_nag=w),
+            'exact cb-NAG': lambda ctx, w: ClassifierNAG(_exact_den(ctx), w, log_g=_exact_log_g(ctx)),
+            'floor': lambda ctx: None}    # fresh true samples: no denoiser (see `one_run`)
+
+def method(family:str, w:float|None=None, name:str|None=None)->Method:
+    "The `Method` of a family (and weight, for the guided ones), named as in the tables."
+    check_choice('method family', family, BUILDERS)
+    if w is None: return Method(name or family, family, 0.0, BUILDERS[family])
+    return Method(name or f'{family} w={w:g}', family, float(w), partial(BUILDERS[family], w=float(w)))
+
+def study_methods(cfg:StudyConfig)->list:
+    "Every method of the sweep, in table order: the exact ones (mixtures), the floor, no guidance, the baselines, the NAGs."
+    exact = [method('exact', name='exact score'), method('exact cf-NAG', 1.0), method('exact cb-NAG', 1.0)]
+    base = [method('eps scaling'), method('time shift')] if cfg.baselines else []
+    return ((exact if cfg.dataset in MIXTURES and cfg.exact else []) + [method('floor'), method('none')] + base
+            + [method('cb-NAG', w) for w in cfg.w_cb] + [method('cf-NAG', w) for w in cfg.w_nag])
 
 def start_noise(cfg:StudyConfig, n:int, shape)->torch.Tensor:
     "The shared starting states at t = 1: one generator per sample, seeded by (seed, index)."
     eps = randn_per_sample(tuple(shape) if not isinstance(shape, int) else (shape,), sample_generators(cfg.seed, range(n)))
     return get_interpolant(cfg.path).sigma(torch.tensor(1.0)) * eps
 
+# %% ../nbs/15_study.ipynb #d28efe61
+class Scorer:
+    "Measures samples the same way for every run: point metrics and bootstrap values against one reference per size."
+    def __init__(self, cfg:StudyConfig, ds, gm=None):
+        self.cfg, self.ds, self.gm, self.refs = cfg, ds, gm, {}
+        if gm is None:                  # images: a held-out split (the floor) and the reference (the rest)
+            perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed + 2))
+            self.n_held = min(cfg.n_samples, len(ds) // 2)
+            self.held_out, self.ref_images = ds.x[perm[:self.n_held]], ds.x[perm[self.n_held:]]
+            self.fe = load_feature_extractor('nag-digits', device='cpu')
+            self.ref_feats = reference_features(self.ref_images, self.fe)
+            self.layers = metric_layers('nag-digits')
+
+    def rows(self, n:int, which:int=0)->torch.Tensor:
+        "The bootstrap rows of a set of n items (which = 0: samples, 1: reference, 2: shift states, 3: their reference)."
+        return boot_indices(n, self.cfg.n_boot, self.cfg.seed + 5 + which)
+
+    def floor(self, n:int)->torch.Tensor:
+        "Fresh true samples of size n: the mixture's, or held-out images (at most half the data set)."
+        if self.gm is None: return self.held_out[:n]
+        return self.gm.sample(n, generator=torch.Generator().manual_seed(self.cfg.seed + 4))
+
+    def measure(self, x0)->tuple:
+        "(point metrics, bootstrap values) of samples `x0`."
+        if self.gm is not None:
+            n = len(x0)
+            ref = self.refs.setdefault(n, self.gm.sample(n, generator=torch.Generator().manual_seed(self.cfg.seed + 2)))
+            return mixture_metrics(self.gm, x0, ref), mixture_boot(self.gm, x0, ref, self.rows(n), self.rows(n, 1))
+        f = extract_features(self.fe, as_images(x0.clamp(-1, 1)))
+        point = _feature_metrics(f, self.ref_feats, self.layers, min(1000, len(x0)), 20, 3, 2020)
+        r = self.ref_feats[self.layers['fid']]
+        return point, image_boot(f[self.layers['fid']], r, self.rows(len(x0)), self.rows(len(r), 1))
+
 # %% ../nbs/15_study.ipynb #71ae7808
-def one_run(cfg, name, method, sampler:str, steps:int, x1, gm, posts:dict, refs:dict, ref_data):
-    "Metrics and shift rows of one (method, sampler, steps) run."
-    den, family, w = method
-    rec = TrajectoryRecorder(stride=max(1, steps // 32))   # at most ~32 states per trajectory are read
-    keep = cfg.n_shift
+def _floor_sampler(x0, forward):
+    "A stand-in sampler for the floor: emits fresh forward states at each scheduled t and returns true samples `x0`."
+    def sample(den, x, ts, path, callback=None, generators=None):
+        for i in range(len(ts) - 1):
+            if callback: callback({'x': forward(len(x), float(ts[i + 1])), 'i': i, 't': ts[i], 't_next': ts[i + 1]})
+        return x0[:len(x)]
+    return sample
+
+def _shift_boot(rec, post, ref, scorer)->tuple:
+    "The low-t excess shift from per-sample values, and its bootstrap values (rows shared by every run of a size)."
+    v, rv = low_t_shift(rec, post, ref)
+    return v.mean().item() - rv.mean().item(), v[scorer.rows(len(v), 2)].mean(1) - rv[scorer.rows(len(rv), 3)].mean(1)
+
+def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dict, scorer:Scorer)->tuple:
+    "(row, shift rows, bootstrap values) of one (method, sampler, steps) run."
+    rec, keep = TrajectoryRecorder(stride=max(1, steps // 32)), cfg.n_shift   # at most ~32 states per trajectory are read
     cb = lambda d: rec({**d, 'x': d['x'][:keep]})
     gens = sample_generators(cfg.seed + 1, range(len(x1))) if sampler == 'euler_maruyama' else None
+    run = _floor_sampler(scorer.floor(len(x1)), refs['floor']) if m.family == 'floor' else SAMPLERS[sampler]
     t0 = time.perf_counter()
-    x0 = SAMPLERS[sampler](den, x1.clone(), time_grid(steps), cfg.path, callback=cb, generators=gens)
+    x0 = run(den, x1.clone(), time_grid(steps), cfg.path, callback=cb, generators=gens)
     secs = time.perf_counter() - t0
-    key = {'method': name, 'family': family, 'w': w, 'sampler': sampler, 'steps': steps}
+    key = {'method': m.name, 'family': m.family, 'w': m.w, 'sampler': sampler, 'steps': steps}
     shift_rows = []
     for pname, post in posts.items():
         df, heat = shift_stats(rec, post, refs[pname])
-        shift_rows.append(df.assign(posterior=pname, **key)); refs.setdefault('_heat', {})[(name, sampler, steps, pname)] = heat
-    sh = shift_rows[0]
-    low = sh[sh.t <= 0.5]
-    quality = mixture_metrics(gm, x0, ref_data) if gm is not None else image_metrics(x0.clamp(-1, 1), ref_data, kid_subset_size=min(1000, len(x0)), kid_subsets=20, device='cpu')
-    row = {**key, **quality, 'excess_shift': sh.excess_shift.mean(),
-           'excess_shift_low_t': low.excess_shift.mean(), 'seconds': secs}
-    return row, pd.concat(shift_rows)
+        shift_rows.append(df.assign(posterior=pname, **key)); refs.setdefault('_heat', {})[(m.name, sampler, steps, pname)] = heat
+    pname = next(iter(posts))                  # the primary posterior: exact where there is one
+    point, boots = scorer.measure(x0)
+    boots['excess_shift_low_t'] = (b := _shift_boot(rec, posts[pname], refs[pname], scorer))[1]
+    row = {**key, **point, 'excess_shift': shift_rows[0].excess_shift.mean(), 'excess_shift_low_t': b[0], 'seconds': secs}
+    return row, pd.concat(shift_rows), boots, x0
 
 # %% ../nbs/15_study.ipynb #3a6fc335
-SHIFT_METHODS = ('none', 'exact score', 'exact cf-NAG w=1', 'cf-NAG w=1')   # the shift against steps, up to 250
+SHIFT_METHODS = ('floor', 'none', 'exact score', 'exact cf-NAG w=1', 'cf-NAG w=1')   # the shift against steps, up to 250
+CELL = ['sampler', 'steps', 'n_samples']   # runs of one cell start from the same noise: their differences are paired
 
 def _cached_reference(reference):
     "A forward-state reference that draws once per (n, t) and reuses it (every run then reads the same states)."
@@ -160,33 +245,42 @@ def _cached_reference(reference):
         return cache[key]
     return ref
 
+def _jobs(cfg:StudyConfig, names)->list:
+    "(method, sampler, steps, n) of every run: the sweep, then the shift against steps (only the states read for the shift)."
+    jobs = [(n, s, k, cfg.n_samples) for s in cfg.samplers for k in cfg.steps for n in names]
+    return jobs + [(n, 'euler', k, cfg.n_shift) for k in cfg.shift_steps if k not in cfg.steps for n in SHIFT_METHODS if n in names]
+
+def _context(cfg:StudyConfig, ds, gm)->SimpleNamespace:
+    "What the methods are built from: the learned denoiser and estimator, the mixture (or None), the path."
+    model, _ = load_trained(Path(cfg.out) / 'denoiser')
+    return SimpleNamespace(cfg=cfg, den=Denoiser(model, cfg.path), est=load_estimator(Path(cfg.out) / 'estimator'), gm=gm,
+                           path=get_interpolant(cfg.path), data_var=ds.x.pow(2).mean().item())
+
+def _posteriors(name:str, sampler:str, mix:bool, gm, cfg, post_g)->dict:
+    "The posteriors a run is read with: the exact one first on a mixture (and g for two runs), g alone on images."
+    posts = {'exact': ExactPosterior(gm, cfg.path)} if mix else {}
+    if not mix or (name in ('none', 'cf-NAG w=1') and sampler == 'euler'): posts['g'] = post_g
+    return posts
+
 def stage_evaluate(cfg:StudyConfig)->dict:
-    "Sweep every method x sampler x steps, and the shift against steps; write results.csv and shift.csv."
-    out = Path(cfg.out)
-    model, _ = load_trained(out / 'denoiser')
-    mix = cfg.dataset in MIXTURES
+    "Sweep every method x sampler x steps and the shift against steps; write results.csv (with intervals) and shift.csv."
+    out, mix = Path(cfg.out), cfg.dataset in MIXTURES
     ds, gm = get_dataset(cfg.dataset), (get_mixture(cfg.dataset) if mix else None)
-    den, est = Denoiser(model, cfg.path), load_estimator(out / 'estimator')
-    methods = make_methods(cfg, den, est, gm, data_var=ds.x.pow(2).mean().item())
-    x1 = start_noise(cfg, cfg.n_samples, ds.shape)
-    ref_data = gm.sample(cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed + 2)) if mix else ds.x
-    post_g = EstimatedPosterior(est)
-    forward = (lambda: mixture_reference(gm, cfg.path, cfg.seed + 3)) if mix else (lambda: dataset_reference(ds, cfg.path, cfg.seed + 3))
-    refs = {'exact': _cached_reference(forward()), 'g': _cached_reference(forward())}
-    jobs = [(n, s, k, cfg.n_samples) for s in cfg.samplers for k in cfg.steps for n in methods]
-    # the shift against steps needs only the trajectories read for the shift: those runs draw n_shift samples
-    jobs += [(n, 'euler', k, cfg.n_shift) for k in cfg.shift_steps if k not in cfg.steps for n in SHIFT_METHODS if n in methods]
-    rows, shifts = [], []
-    for name, sampler, steps, n in tqdm(jobs, desc='sweep'):
-        both = name in ('none', 'cf-NAG w=1') and sampler == 'euler'
-        posts = {'exact': ExactPosterior(gm, cfg.path)} if mix else {}
-        if both or not mix: posts['g'] = post_g
-        r, s = one_run(cfg, name, methods[name], sampler, steps, x1[:n], gm, posts, refs, ref_data)
-        rows.append({**r, 'n_samples': n}); shifts.append(s)
-    res, sh = pd.DataFrame(rows), pd.concat(shifts)
+    ctx, methods = _context(cfg, ds, gm), {m.name: m for m in study_methods(cfg)}
+    dens, x1, scorer = {k: m.build(ctx) for k, m in methods.items()}, start_noise(cfg, cfg.n_samples, ds.shape), Scorer(cfg, ds, gm)
+    forward = (lambda s: mixture_reference(gm, cfg.path, s)) if mix else (lambda s: dataset_reference(ds, cfg.path, s))
+    refs = {'exact': _cached_reference(forward(cfg.seed + 3)), 'g': _cached_reference(forward(cfg.seed + 3)), 'floor': forward(cfg.seed + 9)}
+    rows, shifts, boots, grids, post_g = [], [], [], {}, EstimatedPosterior(ctx.est)
+    for name, sampler, steps, n in tqdm(_jobs(cfg, list(methods)), desc='sweep'):
+        posts = _posteriors(name, sampler, mix, gm, cfg, post_g)
+        r, s, b, x0 = one_run(cfg, methods[name], dens[name], sampler, steps, x1[:n], posts, refs, scorer)
+        rows.append({**r, 'n_samples': n}); shifts.append(s); boots.append(b)
+        if n == cfg.n_samples: grids[f'{name}|{sampler}|{steps}'] = x0[:8].float().clone()
+    res, sh = add_intervals(pd.DataFrame(rows), boots, CELL, level=cfg.level), pd.concat(shifts)
     res.to_csv(out / 'results.csv', index=False); sh.to_csv(out / 'shift.csv', index=False)
+    torch.save({'boots': boots, 'grids': grids}, out / 'boots.pt')
     tbin_table(sh, ['method', 'family', 'w', 'sampler', 'steps', 'posterior']).to_csv(out / 'shift_by_tbin.csv', index=False)
-    return {'results': res, 'shift': sh, 'heat': refs['_heat']}
+    return {'results': res, 'shift': sh, 'heat': refs['_heat'], 'grids': grids}
 
 # %% ../nbs/15_study.ipynb #e2498ebe
 def _primary(sh:pd.DataFrame)->str:
@@ -226,13 +320,15 @@ def fig_samplers(sh:pd.DataFrame, steps:int):
     return plot_shift_curves(d.assign(label=d.method + ', ' + d.sampler), by='label', value='excess_shift', title=f'ODE vs SDE ({steps} steps)')
 
 def fig_metrics_vs_w(res:pd.DataFrame):
-    "Two-sided metrics against the guidance weight, per family and sampler (the lowest step count)."
+    "The two-sided metric and its two sides against the guidance weight, with intervals (fewest steps); grey: the floor."
     d = res[(res.steps == res.steps.min()) & (res.n_samples == res.n_samples.max())]
     fig, axs = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, col in zip(axs, ('fd', 'mmd2', 'nll_gap') if 'fd' in d else ('fid', 'kid_mean', 'recall')):
+    for ax, col in zip(axs, ('fd', 'coverage_tv', 'nll_gap') if 'fd' in d else ('fid', 'precision', 'recall')):
         for (fam, smp), dd in d[d.family.isin(['cf-NAG', 'cb-NAG'])].groupby(['family', 'sampler']):
-            base = d[(d.method == 'none') & (d.sampler == smp)][col].item()
-            ax.plot([0] + list(dd.w), [base] + list(dd[col]), 'o-', label=f'{fam}, {smp}')
+            dd = pd.concat([d[(d.method == 'none') & (d.sampler == smp)], dd])
+            ax.errorbar(dd.w, dd[col], yerr=[dd[col] - dd[f'{col}_lo'], dd[f'{col}_hi'] - dd[col]], fmt='o-', capsize=2, label=f'{fam}, {smp}')
+        if (d.method == 'floor').any():
+            fl = d[d.method == 'floor'].iloc[0]; ax.axhspan(fl[f'{col}_lo'], fl[f'{col}_hi'], color='0.85', label='floor')
         ax.set(xlabel='guidance weight w', title=f'{col} at {d.steps.min()} steps')
     axs[0].legend(fontsize=7); fig.tight_layout()
     return fig
@@ -248,14 +344,34 @@ def fig_statement1(sh:pd.DataFrame, path:str, steps:int):
     return fig, s_e
 
 # %% ../nbs/15_study.ipynb #78e1c8b9
-HEADLINE = ['fd', 'sw2', 'mmd2', 'nll_gap', 'coverage_tv', 'excess_shift_low_t']                 # mixtures
-HEADLINE_IMAGES = ['fid', 'kid_mean', 'precision', 'recall', 'isc_mean', 'excess_shift_low_t']    # digits
+HEADLINE = ['fd', 'sw2', 'mmd2', 'nll_gap', 'coverage_tv', 'excess_shift_low_t']             # mixtures
+HEADLINE_IMAGES = ['fid', 'precision', 'recall', 'excess_shift_low_t']                       # digits
+BETTER = {'fd': -1, 'sw2': -1, 'mmd2': -1, 'coverage_tv': -1, 'fid': -1, 'precision': 1, 'recall': 1}  # the sign of "better"
 
-def headline(res:pd.DataFrame, sampler:str='euler', steps:int|None=None)->pd.DataFrame:
-    "One row per method: the two-sided metrics and the shift for one sampler and step count."
-    steps = res.steps.min() if steps is None else steps
-    d = res[(res.sampler == sampler) & (res.steps == steps) & (res.n_samples == res.n_samples.max())].set_index('method')[HEADLINE if 'fd' in res else HEADLINE_IMAGES]
-    return d.round(4)
+def verdict(metric:str, lo:float, hi:float)->str:
+    "'better' or 'worse' ('lower' or 'higher' for a metric without a better side) where [lo, hi] excludes 0, else 'no difference'."
+    if not (lo > 0 or hi < 0): return 'no difference' if lo == lo and hi == hi else 'n/a'
+    up = lo > 0
+    if metric not in BETTER: return 'higher' if up else 'lower'
+    return 'better' if up == (BETTER[metric] > 0) else 'worse'
+
+def fmt(v:float, lo:float, hi:float, sign:str='')->str:
+    "A value and its interval, three significant digits: '0.123 [0.101, 0.14]'."
+    return f'{v:{sign}.3g} [{lo:{sign}.3g}, {hi:{sign}.3g}]'
+
+def _cell(res:pd.DataFrame, sampler:str, steps:int)->pd.DataFrame:
+    "The runs of one sampler and step count (the full sample size), one row per method, the floor first."
+    d = res[(res.sampler == sampler) & (res.steps == steps) & (res.n_samples == res.n_samples.max())].set_index('method')
+    return d.loc[sorted(d.index, key=lambda m: m != 'floor')]
+
+def headline(res:pd.DataFrame, sampler:str='euler', steps:int|None=None, deltas:bool=False)->pd.DataFrame:
+    "One row per method: each headline metric with its interval, or (`deltas`) its paired difference against no guidance and the verdict."
+    d = _cell(res, sampler, res.steps.min() if steps is None else steps)
+    cols = [c for c in (HEADLINE if 'fd' in res else HEADLINE_IMAGES) if f'{c}_lo' in d]
+    if not deltas: return pd.DataFrame({c: [fmt(*r) for r in d[[c, f'{c}_lo', f'{c}_hi']].values] for c in cols}, index=d.index)
+    dd = d.drop(index='none')
+    return pd.DataFrame({c: [f'{fmt(*r, sign="+")} {verdict(c, *r[1:])}' for r in dd[[f'delta_{c}', f'delta_{c}_lo', f'delta_{c}_hi']].values]
+                         for c in cols}, index=dd.index)
 
 def md_table(df:pd.DataFrame)->str:
     "A Markdown table (no extra dependency)."
@@ -264,11 +380,78 @@ def md_table(df:pd.DataFrame)->str:
     for i, r in df.iterrows(): lines.append('| ' + ' | '.join([str(i)] + [f'{v:.4g}' if isinstance(v, float) else str(v) for v in r]) + ' |')
     return '\n'.join(lines)
 
+# %% ../nbs/15_study.ipynb #bb7075c3
+SAMPLER_NAMES = {'euler': 'Euler', 'heun': 'Heun', 'euler_maruyama': 'Euler-Maruyama', 'dpmpp_2m': 'DPM-Solver++(2M)'}
+
+def claim(res:pd.DataFrame, method:str, sampler:str, steps:int, metric:str)->dict:
+    "One checked claim: a method against no guidance on one metric, with both values, the paired difference and the verdict."
+    d = _cell(res, sampler, steps)
+    r, b = d.loc[method], d.loc['none']
+    c = {'method': method, 'sampler': sampler, 'steps': int(steps), 'n_samples': int(r.n_samples), 'metric': metric,
+         'value': r[metric], 'lo': r[f'{metric}_lo'], 'hi': r[f'{metric}_hi'], 'base': b[metric], 'base_lo': b[f'{metric}_lo'],
+         'base_hi': b[f'{metric}_hi'], 'delta': r[f'delta_{metric}'], 'delta_lo': r[f'delta_{metric}_lo'], 'delta_hi': r[f'delta_{metric}_hi']}
+    c = {k: (float(v) if isinstance(v, (float, int)) and k not in ('steps', 'n_samples') else v) for k, v in c.items()}
+    c['verdict'] = verdict(metric, c['delta_lo'], c['delta_hi']) if method != 'floor' else _floor_verdict(c['delta_lo'], c['delta_hi'])
+    c['text'] = (f"{metric} {fmt(c['base'], c['base_lo'], c['base_hi'])} -> {fmt(c['value'], c['lo'], c['hi'])}, "
+                 f"difference {fmt(c['delta'], c['delta_lo'], c['delta_hi'], '+')}: {c['verdict']}")
+    return c
+
+def _floor_verdict(lo:float, hi:float)->str:
+    "Where no guidance stands against the floor (the difference is floor minus no guidance)."
+    return 'no guidance at the floor' if lo <= 0 <= hi else ('no guidance above the floor' if hi < 0 else 'no guidance below the floor')
+
+GUIDED = ('cf-NAG', 'cb-NAG', 'exact cf-NAG', 'exact cb-NAG', 'eps scaling', 'time shift')
+
+def _cells(res:pd.DataFrame)->list:
+    "(sampler, steps) of every cell at the full sample size, fewest steps first."
+    d = res[res.n_samples == res.n_samples.max()][['sampler', 'steps']].drop_duplicates()
+    return sorted(((s, int(k)) for s, k in d.values), key=lambda c: (c[1], c[0]))
+
+def _pick(res:pd.DataFrame, family:str)->str|None:
+    "The method of a family that the claims cite: w = 1, else its first weight (None if the family did not run)."
+    d = res[res.family == family].drop_duplicates('method')
+    return (d[d.w == 1.0].method.tolist() or d.method.tolist() or [None])[0]
+
+def _groups(res:pd.DataFrame)->list:
+    "(method, sampler, steps, headline) of every claim group: the floor, then each family's cited method in every cell."
+    cells = _cells(res); low = cells[0][1]
+    groups = [('floor', s, k, True) for s, k in cells if k == low]
+    for fam in GUIDED:
+        if (m := _pick(res, fam)): groups += [(m, s, k, k == low and not fam.startswith('exact')) for s, k in cells]
+    return groups
+
+def findings(res:pd.DataFrame)->list:
+    "The study's claims, generated from `results.csv`: per group, the main metric, its two sides and the shift."
+    mets = ['fd', 'coverage_tv', 'nll_gap', 'excess_shift_low_t'] if 'fd' in res else ['fid', 'precision', 'recall', 'excess_shift_low_t']
+    out = []
+    for m, s, k, head in _groups(res):
+        out.append({'method': m, 'sampler': s, 'steps': k, 'headline': bool(head), 'claims': [claim(res, m, s, k, x) for x in mets]})
+    return out
+
+def findings_md(groups:list, dataset:str, only_headline:bool=False)->str:
+    "The claims as a Markdown list: one bullet per method, sampler and step count."
+    lines = []
+    for g in groups:
+        if only_headline and not g['headline']: continue
+        who = '**the floor** (fresh true samples)' if g['method'] == 'floor' else f"**{g['method']}**"
+        lines.append(f"- `{dataset}`, {who} against no guidance, {SAMPLER_NAMES.get(g['sampler'], g['sampler'])}, {g['steps']} steps: "
+                     + '; '.join(c['text'] for c in g['claims']) + '.')
+    return '\n'.join(lines)
+
 # %% ../nbs/15_study.ipynb #36486261
-def write_report(cfg:StudyConfig, ev:dict|None=None)->Path:
-    "Figures, the headline tables and summary.md / summary.html in the report folder."
-    out = Path(cfg.out)
-    res = pd.read_csv(out / 'results.csv'); sh = pd.read_csv(out / 'shift.csv')
+def fig_sample_grid(grids:dict, methods:list, sampler:str, steps:int):
+    "Images from the same starting noise, one row per method (the floor's row: held-out images)."
+    rows = [(m, grids[f'{m}|{sampler}|{steps}']) for m in methods if f'{m}|{sampler}|{steps}' in grids]
+    fig, axs = plt.subplots(len(rows), 1, figsize=(8, 1.05 * len(rows)), squeeze=False)
+    for ax, (m, x) in zip(axs[:, 0], rows):
+        ax.imshow(torch.cat(list(x.clamp(-1, 1)[:, 0]), 1), cmap='gray', vmin=-1, vmax=1)
+        ax.set_xticks([]); ax.set_yticks([]); ax.set_ylabel(m, rotation=0, ha='right', va='center', fontsize=8)
+    fig.suptitle(f'{SAMPLER_NAMES.get(sampler, sampler)}, {steps} steps: each column starts from the same noise', fontsize=9)
+    fig.tight_layout()
+    return fig
+
+def _figures(cfg:StudyConfig, res, sh, ev)->tuple:
+    "Every figure of the report (name -> figure) and the fitted Statement 1 error scale."
     k0, figs = min(cfg.steps), {}
     figs['shift_vs_steps.png'] = fig_shift_vs_steps(sh)
     figs['shift_curves.png'] = fig_shift_curves(sh, k0)
@@ -276,49 +459,76 @@ def write_report(cfg:StudyConfig, ev:dict|None=None)->Path:
     figs['metrics_vs_w.png'] = fig_metrics_vs_w(res)
     figs['statement1.png'], s_e = fig_statement1(sh, cfg.path, k0)
     if ev is not None: figs['posterior_heatmaps.png'] = fig_heatmaps(ev['heat'], sh, k0)
+    grids = torch.load(Path(cfg.out) / 'boots.pt', weights_only=True)['grids'] if cfg.dataset not in MIXTURES else {}
+    names = list(_cell(res, cfg.samplers[0], k0).index)
+    for s in cfg.samplers if grids else []:
+        for k in cfg.steps: figs[f'samples_{s}_{k}.png'] = fig_sample_grid(grids, names, s, k)
+    return figs, s_e
+
+def write_report(cfg:StudyConfig, ev:dict|None=None)->Path:
+    "Figures, the findings (findings.json, findings.md), the tables with intervals and summary.md / summary.html."
+    out = Path(cfg.out)
+    res = pd.read_csv(out / 'results.csv'); sh = pd.read_csv(out / 'shift.csv')
+    figs, s_e = _figures(cfg, res, sh, ev)
     for name, fig in figs.items(): fig.savefig(out / name, dpi=110); plt.close(fig)
-    tables = {f'{s}, {k} steps': headline(res, s, k) for s in cfg.samplers for k in cfg.steps}
+    groups = findings(res)
+    (out / 'findings.json').write_text(json.dumps(groups, indent=1)); (out / 'findings.md').write_text(findings_md(groups, cfg.dataset) + '\n')
+    tables = {f'{SAMPLER_NAMES.get(s, s)}, {k} steps': (headline(res, s, k), headline(res, s, k, deltas=True)) for s in cfg.samplers for k in cfg.steps}
     cal = pd.read_csv(out / 'estimator' / 'calibration.csv')
     gap_csv = out / 'denoiser' / 'oracle_gap.csv'
     gap = pd.read_csv(gap_csv) if gap_csv.exists() else None
-    md = _summary_md(cfg, tables, figs, s_e, cal, gap)
-    (out / 'summary.md').write_text(md)
-    (out / 'summary.html').write_text(_summary_html(cfg, tables, figs, s_e, cal, gap))
+    (out / 'summary.md').write_text(_summary_md(cfg, groups, tables, figs, s_e, cal, gap))
+    (out / 'summary.html').write_text(_summary_html(cfg, groups, tables, figs, s_e, cal, gap))
     return out / 'summary.md'
 
 # %% ../nbs/15_study.ipynb #f1141669
 _INTRO_IMAGES = ("Samples of the `{ds}` images from a denoiser trained with noise-condition dropout (p_drop = {p}), on the `{path}` path. "
-                 "Every row starts from the same noise. fid, kid_mean, precision, recall, isc_mean: torch-fidelity on the toolkit's digits feature "
-                 "network (trained offline on the digits); excess_shift_low_t: mean (E[t|x] - t) of the sampler's states minus that of forward "
+                 "Every row of a table starts from the same noise. fid, precision, recall: on the toolkit's digits feature network "
+                 "(trained offline on the digits; torch-fidelity's definitions) against a reference split of the digits; the `floor` row is "
+                 "held-out digits of the same size. excess_shift_low_t: mean (E[t|x] - t) of the sampler's states minus that of forward "
                  "states at the same t, over t <= 0.5, read with the trained estimator g (no exact posterior exists for images).")
 
 _INTRO = ("Samples of the `{ds}` mixture from a denoiser trained with noise-condition dropout (p_drop = {p}), on the `{path}` path. "
-          "Every row starts from the same noise. fd: Fréchet distance to the true mixture; sw2: sliced Wasserstein-2; mmd2: MMD² "
-          "(both against fresh data); nll_gap: mean NLL of the samples minus that of data (negative = sharper than the data); "
-          "coverage_tv: total variation between mode shares and weights; excess_shift_low_t: mean (E[t|x] - t) of the sampler's "
-          "states minus that of forward states at the same t, over t <= 0.5 (exact posterior).")
+          "Every row of a table starts from the same noise. fd: Fréchet distance to the true mixture; sw2: sliced Wasserstein-2; "
+          "mmd2: MMD² (both against fresh data); nll_gap: mean NLL of the samples minus that of data (negative = sharper than the "
+          "data); coverage_tv: total variation between mode shares and weights; excess_shift_low_t: mean (E[t|x] - t) of the "
+          "sampler's states minus that of forward states at the same t, over t <= 0.5 (exact posterior). The `floor` row is fresh "
+          "true samples of the same size: values at the floor are at the noise floor.")
 
-def _summary_md(cfg, tables, figs, s_e, cal, gap)->str:
-    "The one-page Markdown summary."
-    intro = (_INTRO if gap is not None else _INTRO_IMAGES).format(ds=cfg.dataset, p=cfg.p_drop, path=cfg.path)
-    parts = [f"# Noise-shift study: {cfg.dataset}", '', intro, '']
-    for title, t in tables.items(): parts += [f'## {title}', '', md_table(t), '']
-    parts += ['## Figures', ''] + [f'![{n}]({n})' for n in figs] + ['',
-              f"Statement 1 fit of the learned model's excess shift (Euler, {min(cfg.steps)} steps): s_e = {s_e:.3f}.", '',
-              f"Estimator calibration (max over t-bins): |E_g[t|x] - E[t|x]| = {cal.mean_abs_gap.max():.4f}, KL(exact || g) = {cal.kl.max():.4f}." if gap is not None else
-              f"Estimator on forward states (max over t-bins): |E_g[t|x] - t| = {cal.mean_abs_gap.max():.4f}.",
-              f"Denoiser against the exact oracle (mean squared x0 gap, over t-bins): conditional {gap.cond_gap.mean():.4f}, null-t {gap.null_t_gap.mean():.4f}." if gap is not None else '',
-              '', 'Files: `results.csv` (every run), `shift.csv` (every recorded step of every run), `shift_by_tbin.csv` (the shift per run and t-bin), `notebooks/` (the executed pipeline notebooks).']
+_HOW = ("Every number has a {lvl:.0%} bootstrap interval ({b} resamples of the samples and of the reference{seeds}). A "
+        "difference is a method minus no guidance on the same starting noise (paired resamples); it is called better or worse "
+        "(lower or higher for metrics without a better side) only where its interval excludes 0, and no difference otherwise.")
+
+def _notes(cfg, s_e, cal, gap)->list:
+    "The closing notes: the Statement 1 fit, the estimator's calibration and the denoiser's gap to the oracle."
+    est = (f"Estimator calibration (max over t-bins): |E_g[t|x] - E[t|x]| = {cal.mean_abs_gap.max():.4f}, KL(exact || g) = {cal.kl.max():.4f}."
+           if gap is not None else f"Estimator on forward states (max over t-bins): |E_g[t|x] - t| = {cal.mean_abs_gap.max():.4f}.")
+    den = (f"Denoiser against the exact oracle (mean squared x0 gap, over t-bins): conditional {gap.cond_gap.mean():.4f}, "
+           f"null-t {gap.null_t_gap.mean():.4f}." if gap is not None else '')
+    return [f"Statement 1 fit of the learned model's excess shift (Euler, {min(cfg.steps)} steps): s_e = {s_e:.3f}.", est, den]
+
+def _intro(cfg, gap)->str:
+    seeds = f'; {cfg.seeds} independently trained denoisers and estimators, pooled' if cfg.seeds > 1 else ''
+    return ((_INTRO if gap is not None else _INTRO_IMAGES).format(ds=cfg.dataset, p=cfg.p_drop, path=cfg.path) + ' '
+            + _HOW.format(lvl=cfg.level, b=cfg.n_boot, seeds=seeds))
+
+def _summary_md(cfg, groups, tables, figs, s_e, cal, gap)->str:
+    "The one-page Markdown summary: the findings first (generated from results.csv), then the tables and figures."
+    parts = [f"# Noise-shift study: {cfg.dataset}", '', _intro(cfg, gap), '', '## Findings', '', findings_md(groups, cfg.dataset), '']
+    for title, (t, d) in tables.items():
+        parts += [f'## {title}', '', md_table(t), '', 'Paired differences against no guidance:', '', md_table(d), '']
+    parts += ['## Figures', ''] + [f'![{n}]({n})' for n in figs] + [''] + _notes(cfg, s_e, cal, gap)
+    parts += ['', 'Files: `results.csv` (every run; each metric m with m_lo, m_hi, delta_m, delta_m_lo, delta_m_hi), `findings.json` '
+              '(the claims above and the numbers they cite), `shift.csv`, `shift_by_tbin.csv`, `notebooks/` (the executed pipelines).']
     return '\n'.join(parts) + '\n'
 
-def _summary_html(cfg, tables, figs, s_e, cal, gap)->str:
+def _summary_html(cfg, groups, tables, figs, s_e, cal, gap)->str:
     "The one-page HTML summary."
-    intro = (_INTRO if gap is not None else _INTRO_IMAGES).format(ds=cfg.dataset, p=cfg.p_drop, path=cfg.path)
-    body = [f"<h1>Noise-shift study: {cfg.dataset}</h1>", f"<p>{intro}</p>"]
-    for title, t in tables.items(): body += [f'<h2>{title}</h2>', t.to_html(float_format=lambda v: f'{v:.4g}')]
+    items = ''.join(f'<li>{l[2:]}</li>' for l in findings_md(groups, cfg.dataset).splitlines())
+    body = [f"<h1>Noise-shift study: {cfg.dataset}</h1>", f"<p>{_intro(cfg, gap)}</p>", '<h2>Findings</h2>', f'<ul>{items}</ul>']
+    for title, (t, d) in tables.items(): body += [f'<h2>{title}</h2>', t.to_html(), '<p>Paired differences against no guidance:</p>', d.to_html()]
     body += ['<h2>Figures</h2>'] + [f'<img src="{n}" style="max-width:100%"><br>' for n in figs]
-    body += [f"<p>Statement 1 fit: s_e = {s_e:.3f}. Estimator: max |gap| over t-bins = {cal.mean_abs_gap.max():.4f}. "
-             + (f"Denoiser oracle gap: conditional {gap.cond_gap.mean():.4f}, null-t {gap.null_t_gap.mean():.4f}." if gap is not None else '') + "</p>"]
+    body += [f"<p>{' '.join(_notes(cfg, s_e, cal, gap))}</p>"]
     return '<!doctype html><html><head><meta charset="utf-8"><title>nag_toolkit study</title></head><body>' + '\n'.join(body) + '</body></html>\n'
 
 # %% ../nbs/15_study.ipynb #3c11acb4
@@ -336,30 +546,61 @@ def _kernel()->str|None:
 def _notebook_plan(cfg:StudyConfig)->list:
     "(notebook, parameters) for each stage; parameters are plain values and folders."
     d = asdict(cfg)
-    return [('train.ipynb', {'out': str(Path(cfg.out) / 'denoiser'), 'dataset': cfg.dataset, 'model': 'mlp', 'path': cfg.path, 'steps': cfg.train_steps,
-                             'batch_size': cfg.batch_size, 'p_drop': cfg.p_drop,
+    return [('train.ipynb', {'out': str(Path(cfg.out) / 'denoiser'), 'dataset': cfg.dataset, 'model': _model(cfg), 'path': cfg.path,
+                             'steps': cfg.train_steps, 'batch_size': cfg.batch_size, 'p_drop': cfg.p_drop,
                              'options': {'seed': cfg.seed, 'log_every': max(1, cfg.train_steps // 40), 'ckpt_every': cfg.train_steps}}),
             ('estimator.ipynb', {'study': d}), ('evaluate.ipynb', {'study': d})]
 
+def _run_notebooks(cfg:StudyConfig, kernel:str):
+    "The three stages as papermill notebooks (executed copies in out/notebooks/), their output streamed here."
+    import papermill as pm, logging
+    log = logging.getLogger('papermill')
+    if not log.handlers: log.addHandler(logging.StreamHandler()); log.setLevel(logging.INFO)
+    (Path(cfg.out) / 'notebooks').mkdir(exist_ok=True)
+    for nb, params in _notebook_plan(cfg):
+        print(f'running {nb} ...', flush=True)
+        pm.execute_notebook(str(PIPELINES / nb), str(Path(cfg.out) / 'notebooks' / nb), parameters=params, kernel_name=kernel,
+                            progress_bar=False, log_output=True, cwd=cfg.out)
+
+def _run_one(cfg:StudyConfig):
+    "One study (one trained denoiser and estimator) into cfg.out: through the notebooks where a kernel exists, else in-process."
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    kernel = _kernel() if cfg.notebooks else None
+    if kernel and PIPELINES.is_dir(): _run_notebooks(cfg, kernel)
+    else: stage_train(cfg); stage_estimator(cfg); write_report(cfg, stage_evaluate(cfg))
+    return bool(kernel and PIPELINES.is_dir())
+
 def run_study(cfg:StudyConfig|dict)->Path:
-    "Run the whole study into `cfg.out`; returns the path of summary.md."
+    "Run the whole study into `cfg.out` (with `seeds` > 1: one study per seed in out/seed<s>/, pooled); returns summary.md."
     cfg = StudyConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))   # the notebooks run with the report folder as cwd
     out, t0 = Path(cfg.out), time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    kernel = _kernel() if cfg.notebooks else None
-    if kernel and PIPELINES.is_dir():
-        import papermill as pm, logging
-        log = logging.getLogger('papermill')                     # stream the notebooks' output (progress bars) here
-        if not log.handlers: log.addHandler(logging.StreamHandler()); log.setLevel(logging.INFO)
-        (out / 'notebooks').mkdir(exist_ok=True)
-        for nb, params in _notebook_plan(cfg):
-            print(f'running {nb} ...', flush=True)
-            pm.execute_notebook(str(PIPELINES / nb), str(out / 'notebooks' / nb), parameters=params, kernel_name=kernel, progress_bar=False, log_output=True, cwd=str(out))
+    if cfg.seeds == 1: nbs = _run_one(cfg)
     else:
-        stage_train(cfg); stage_estimator(cfg); write_report(cfg, stage_evaluate(cfg))
-    (out / 'timing.json').write_text(json.dumps({'seconds': time.perf_counter() - t0, 'notebooks': bool(kernel)}))
+        subs = [dataclasses.replace(cfg, seed=cfg.seed + s, seeds=1, out=str(out / f'seed{cfg.seed + s}')) for s in range(cfg.seeds)]
+        nbs = all([_run_one(c) for c in subs]); pool_studies(cfg, [Path(c.out) for c in subs])
+    (out / 'timing.json').write_text(json.dumps({'seconds': time.perf_counter() - t0, 'notebooks': nbs}))
     return out / 'summary.md'
+
+# %% ../nbs/15_study.ipynb #d331871c
+def pool_studies(cfg:StudyConfig, outs:list)->Path:
+    "Pool studies of independently trained models (same noise, same runs): mean estimates, two-level bootstrap intervals."
+    out, ress = Path(cfg.out), [pd.read_csv(o / 'results.csv') for o in outs]
+    bts = [torch.load(o / 'boots.pt', weights_only=True) for o in outs]
+    res = ress[0][[c for c in ress[0].columns if not c.endswith(('_lo', '_hi')) and not c.startswith('delta_')]].copy()
+    num = [c for c in res.columns if c not in ('method', 'family', 'w', 'sampler', 'steps', 'n_samples') and pd.api.types.is_numeric_dtype(res[c])]
+    res[num] = sum(r[num] for r in ress) / len(ress)
+    boots = []
+    for i in range(len(res)):     # the same seed everywhere: every run picks the same models, so differences stay paired
+        pooled = {m: pool_seeds([r.at[i, m] for r in ress], torch.stack([b['boots'][i][m] for b in bts]), seed=cfg.seed)
+                  for m in bts[0]['boots'][i]}
+        for m, (p, _) in pooled.items(): res.at[i, m] = p
+        boots.append({m: b for m, (_, b) in pooled.items()})
+    add_intervals(res, boots, CELL, level=cfg.level).to_csv(out / 'results.csv', index=False)
+    torch.save({'boots': boots, 'grids': bts[0]['grids']}, out / 'boots.pt')
+    for f in ('shift.csv', 'shift_by_tbin.csv', 'estimator/calibration.csv', 'denoiser/oracle_gap.csv'):   # figures: the first model's
+        if (outs[0] / f).exists(): (out / f).parent.mkdir(exist_ok=True); shutil.copy(outs[0] / f, out / f)
+    return write_report(cfg)
 
 # %% ../nbs/15_study.ipynb #eb4383e8
 QUICK = {'train_steps': 150, 'estimator_steps': 150, 'n_samples': 400, 'n_shift': 128, 'steps': [8], 'shift_steps': [8, 32],
