@@ -11,8 +11,8 @@ import yaml
 from .core import ConfigError, read_yaml_mapping
 
 # %% auto #0
-__all__ = ['train_options', 'COMMANDS', 'config_options', 'cmd_train', 'study_options', 'cmd_study', 'cmd_sample', 'cmd_demo',
-           'parser', 'main', 'cmd_sweep', 'cmd_latents', 'cmd_eval']
+__all__ = ['train_options', 'COMMANDS', 'config_options', 'cmd_train', 'study_options', 'cmd_study', 'cmd_findings', 'cmd_sample',
+           'cmd_demo', 'parser', 'main', 'cmd_sweep', 'cmd_latents', 'cmd_eval']
 
 # %% ../nbs/10_cli.ipynb #7dca79e0
 def _config_flags(p:argparse.ArgumentParser, cls, what:str, example:str):
@@ -53,20 +53,27 @@ def cmd_train(args):
 def _study_flags(p:argparse.ArgumentParser):
     "Flags of `nag-toolkit study`."
     p.add_argument('--out', default=None, help="the report folder (default: runs/study)")
+    p.add_argument('--dataset', default=None, help="a mixture preset (gmm32, ring8) or digits (default: gmm32)")
     p.add_argument('--config', help='a YAML file of study options')
-    p.add_argument('--quick', action='store_true', help='tiny budgets: a smoke run in well under a minute')
+    p.add_argument('--preset', default=None, help='a preset of options: quick, digits-demo (the reduced digits study of make demo), full')
+    p.add_argument('--quick', action='store_true', help='tiny budgets: a smoke run in about a minute (the preset quick)')
+    p.add_argument('--full', action='store_true', help='where NAG helps: w x steps x sampler, weak and strong denoiser (the preset full)')
     p.add_argument('--no-notebooks', action='store_true', help='run the stages in this process instead of papermill notebooks')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='any study option, e.g. train_steps=3000 or steps=[8,16]')
 
 def study_options(args:argparse.Namespace)->dict:
-    "The study options from --quick, YAML and flags, later ones winning."
-    from nag_toolkit.study import QUICK
-    d = dict(QUICK) if args.quick else {}
+    "The study options from the preset (--preset, --quick, --full), YAML and flags, later ones winning."
+    from nag_toolkit.study import PRESETS
+    from nag_toolkit.core import check_choice
+    names = [n for n, on in (('quick', args.quick), ('full', args.full), (args.preset, args.preset is not None)) if on]
+    for n in names: check_choice('preset', n, PRESETS)
+    d = {k: v for n in names for k, v in PRESETS[n].items()}
     if args.config: d.update(read_yaml_mapping(args.config))
     for item in args.set:
         key, sep, val = item.partition('=')
         if not sep: raise ConfigError(f"--set {item!r} is not KEY=VALUE")
         d[key] = yaml.safe_load(val)
+    if args.dataset: d['dataset'] = args.dataset
     if args.out: d['out'] = args.out
     if args.no_notebooks: d['notebooks'] = False
     return d
@@ -75,6 +82,18 @@ def cmd_study(args):
     "Run the study and print where its summary is."
     from nag_toolkit.study import run_study
     print(f"wrote {run_study(study_options(args))}")
+
+def _findings_flags(p:argparse.ArgumentParser):
+    "Flags of `nag-toolkit findings`."
+    p.add_argument('studies', nargs='+', help='study folders (each with findings.json)')
+    p.add_argument('--out', default=None, help='the Markdown file to write (default: print it)')
+
+def cmd_findings(args):
+    "The headline findings of one or more studies as one Markdown list (what README.md shows)."
+    from nag_toolkit.study import collect_findings
+    md = collect_findings(args.studies)
+    if args.out: Path(args.out).parent.mkdir(parents=True, exist_ok=True); Path(args.out).write_text(md); print(f"wrote {args.out}")
+    else: print(md)
 
 def _sample_flags(p:argparse.ArgumentParser):
     "Flags of `nag-toolkit sample`: one per SampleConfig field (--checkpoint, --out, --num-samples, --w-nag, ...)."
@@ -93,10 +112,11 @@ def cmd_demo(args):
     from nag_toolkit.demo import run_demo
     print(run_demo(args.out or 'runs/demo').to_string(index=False))
 
-COMMANDS = {'study': (cmd_study, _study_flags, 'the end-to-end noise-shift study on an embedded mixture (what make demo runs)'),
+COMMANDS = {'study': (cmd_study, _study_flags, 'the end-to-end noise-shift study on an embedded mixture or the digits (what make demo runs)'),
             'train': (cmd_train, _train_flags, 'train a denoiser (resumes from --out when it holds a checkpoint)'),
             'sample': (cmd_sample, _sample_flags, 'sample shards from a checkpoint (ADM .npz or PNG; resumes; torchrun splits the shards)'),
-            'demo': (cmd_demo, lambda p: p.add_argument('--out', default=None), 'sample a mixture through the exact oracle')}
+            'demo': (cmd_demo, lambda p: p.add_argument('--out', default=None), 'sample a mixture through the exact oracle'),
+            'findings': (cmd_findings, _findings_flags, 'the headline findings of study folders as one Markdown list')}
 
 def parser()->argparse.ArgumentParser:
     "The `nag-toolkit` argument parser."

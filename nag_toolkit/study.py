@@ -30,11 +30,12 @@ from .intervals import (boot_indices, mixture_boot, image_boot, low_t_shift, add
 
 # %% auto #0
 __all__ = ['STUDY_DATASETS', 'SAMPLERS', 'BUILDERS', 'SHIFT_METHODS', 'CELL', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER',
-           'SAMPLER_NAMES', 'GUIDED', 'PIPELINES', 'QUICK', 'StudyConfig', 'study_from_dict', 'stage_train',
-           'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods', 'start_noise', 'Scorer', 'one_run',
-           'stage_evaluate', 'fig_shift_vs_steps', 'fig_heatmaps', 'fig_shift_curves', 'fig_samplers',
-           'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt', 'headline', 'md_table', 'claim', 'findings',
-           'findings_md', 'fig_sample_grid', 'write_report', 'run_study', 'pool_studies']
+           'SAMPLER_NAMES', 'GUIDED', 'PIPELINES', 'QUICK', 'DIGITS_DEMO', 'FULL', 'PRESETS', 'StudyConfig',
+           'study_from_dict', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods',
+           'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'fig_shift_vs_steps', 'fig_heatmaps',
+           'fig_shift_curves', 'fig_samplers', 'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt', 'headline',
+           'md_table', 'claim', 'findings', 'findings_md', 'fig_sample_grid', 'write_report', 'run_study',
+           'pool_studies', 'fig_where_nag_helps', 'map_findings', 'run_models', 'collect_findings']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -60,6 +61,7 @@ class StudyConfig:
     n_boot: int = 100               # bootstrap resamples of every interval
     level: float = 0.95             # the intervals' level
     seeds: int = 1                  # independently trained denoisers and estimators (seed, seed + 1, ...), pooled in the intervals
+    models: list = field(default_factory=list)   # denoiser qualities to compare (training steps each): one study each and the map
     seed: int = 0
     notebooks: bool = True          # run the pipeline notebooks through papermill (else in-process)
 
@@ -73,6 +75,7 @@ def study_from_dict(d:dict)->StudyConfig:
     for name in ('train_steps', 'estimator_steps', 'n_samples', 'n_shift', 'batch_size', 'seeds'): check_range(name, getattr(cfg, name), 1)
     check_range('n_boot', cfg.n_boot, 20); check_range('level', cfg.level, 0, 1, lo_open=True, hi_open=True)
     check_range('p_drop', cfg.p_drop, 0, 1, hi_open=True)
+    for n in cfg.models: check_range('models', n, 1)
     return cfg
 
 StudyConfig.from_dict = staticmethod(study_from_dict)
@@ -575,6 +578,8 @@ def run_study(cfg:StudyConfig|dict)->Path:
     cfg = StudyConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))   # the notebooks run with the report folder as cwd
     out, t0 = Path(cfg.out), time.perf_counter()
+    if cfg.models: return run_models(cfg)
+    out.mkdir(parents=True, exist_ok=True); (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
     if cfg.seeds == 1: nbs = _run_one(cfg)
     else:
         subs = [dataclasses.replace(cfg, seed=cfg.seed + s, seeds=1, out=str(out / f'seed{cfg.seed + s}')) for s in range(cfg.seeds)]
@@ -604,4 +609,63 @@ def pool_studies(cfg:StudyConfig, outs:list)->Path:
 
 # %% ../nbs/15_study.ipynb #eb4383e8
 QUICK = {'train_steps': 150, 'estimator_steps': 150, 'n_samples': 400, 'n_shift': 128, 'steps': [8], 'shift_steps': [8, 32],
-         'samplers': ['euler', 'euler_maruyama'], 'w_nag': [1.0], 'w_cb': [1.0]}
+         'samplers': ['euler', 'euler_maruyama'], 'w_nag': [1.0], 'w_cb': [1.0], 'n_boot': 50}
+# the reduced digits study of `make demo`: no guidance against both NAGs at a few weights, two samplers, two step counts
+DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 1000, 'estimator_steps': 400, 'n_samples': 500, 'n_shift': 128, 'steps': [8, 32],
+               'shift_steps': [], 'samplers': ['euler', 'euler_maruyama'], 'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0], 'baselines': False}
+# where NAG helps: w x steps x sampler, a weak and a strong denoiser (`models`: their training steps)
+FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'], 'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0],
+        'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 1000, 'shift_steps': [], 'baselines': False, 'exact': False, 'models': [800, 8000]}
+PRESETS = {'quick': QUICK, 'digits-demo': DIGITS_DEMO, 'full': FULL}
+
+# %% ../nbs/15_study.ipynb #b4571260
+def _map_rows(res:pd.DataFrame, model:str)->pd.DataFrame:
+    "The guided runs of one model at the full sample size, with the weight 0 (no guidance) row of each cell."
+    d = res[(res.n_samples == res.n_samples.max()) & res.family.isin(['none', 'cf-NAG', 'cb-NAG'])]
+    return d.assign(model=model)
+
+def fig_where_nag_helps(m:pd.DataFrame, metric:str='fd'):
+    "The paired change of `metric` against w, one panel per (model, family) and one line per (sampler, steps), with intervals."
+    keys = [(mo, fa) for mo in m.model.unique() for fa in ('cf-NAG', 'cb-NAG')]
+    fig, axs = plt.subplots(len(m.model.unique()), 2, figsize=(11, 3.2 * len(m.model.unique())), squeeze=False)
+    for ax, (mo, fa) in zip(axs.flat, keys):
+        for (s, k), d in m[(m.model == mo) & m.family.isin(['none', fa])].groupby(['sampler', 'steps']):
+            d = d.sort_values('w'); y = d[f'delta_{metric}']
+            ax.errorbar(d.w, y, yerr=[y - d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'] - y], fmt='o-', ms=3, capsize=2,
+                        label=f'{SAMPLER_NAMES.get(s, s)}, {k}')
+        ax.axhline(0, color='k', lw=0.5); ax.set(xlabel='w', ylabel=f'change of {metric}', title=f'{fa}, {mo}')
+    axs[0, 0].legend(fontsize=6, ncol=2); fig.tight_layout()
+    return fig
+
+def map_findings(m:pd.DataFrame, metric:str='fd')->pd.DataFrame:
+    "Per model, family, sampler and steps: the weights where NAG is better, worse or no different on `metric` (from the intervals)."
+    d = m[m.family != 'none'].assign(verdict=lambda d: [verdict(metric, lo, hi) for lo, hi in zip(d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'])])
+    ws = lambda v: lambda x: ', '.join(f'{w:g}' for w in x[x.verdict == v].w) or '-'
+    g = d.groupby(['model', 'family', 'sampler', 'steps'])
+    return pd.DataFrame({'better at w': g.apply(ws('better')), 'worse at w': g.apply(ws('worse')),
+                         'no difference at w': g.apply(ws('no difference'))}).reset_index()
+
+def run_models(cfg:StudyConfig)->Path:
+    "One study per denoiser quality (`cfg.models`: training steps) in out/steps<n>/, then the map of where NAG helps."
+    out, metric = Path(cfg.out), 'fd' if cfg.dataset in MIXTURES else 'fid'
+    subs = [dataclasses.replace(cfg, train_steps=n, models=[], out=str(out / f'steps{n}')) for n in cfg.models]
+    for c in subs: run_study(c)
+    m = pd.concat([_map_rows(pd.read_csv(Path(c.out) / 'results.csv'), f'{c.train_steps} training steps') for c in subs])
+    m.to_csv(out / 'map.csv', index=False)
+    fig = fig_where_nag_helps(m, metric); fig.savefig(out / 'where_nag_helps.png', dpi=110); plt.close(fig)
+    table = map_findings(m, metric)
+    (out / 'map.md').write_text(f'# Where NAG helps: {cfg.dataset}\n\n![where NAG helps](where_nag_helps.png)\n\nVerdicts on the paired '
+                                f'change of {metric} against no guidance ({cfg.level:.0%} intervals):\n\n{md_table(table.set_index("model"))}\n')
+    return out / 'map.md'
+
+# %% ../nbs/15_study.ipynb #6fd98e02
+def collect_findings(folders:list)->str:
+    "The headline findings of study folders as one Markdown list, each study introduced by what it ran."
+    parts = []
+    for f in map(Path, folders):
+        cfg, groups = json.loads((f / 'config.json').read_text()), json.loads((f / 'findings.json').read_text())
+        parts += [f"**`{cfg['dataset']}`**: denoiser trained {cfg['train_steps']} steps with noise-condition dropout "
+                  f"(p_drop {cfg['p_drop']}), {cfg['n_samples']} samples per run from the same noise, {cfg['level']:.0%} "
+                  f"bootstrap intervals ({cfg['n_boot']} resamples); full report: `{f.name}/summary.md`.", '',
+                  findings_md(groups, cfg['dataset'], only_headline=True), '']
+    return '\n'.join(parts)
