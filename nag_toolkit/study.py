@@ -53,12 +53,13 @@ class StudyConfig:
     steps: list = field(default_factory=lambda: [8, 32])            # sweep step counts
     shift_steps: list = field(default_factory=lambda: [8, 16, 32, 64, 128, 250])   # shift against steps
     samplers: list = field(default_factory=lambda: ['euler', 'euler_maruyama'])   # 'heun' and 'dpmpp_2m' too, on request
-    w_nag: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 3.0])   # classifier-free NAG weights
-    w_cb: list = field(default_factory=lambda: [0.5, 1.0, 2.0])               # classifier-based NAG weights
+    w_nag: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])   # classifier-free NAG weights (the full map: `--full`)
+    w_cb: list = field(default_factory=lambda: [0.5, 1.0])               # classifier-based NAG weights
     baselines: bool = True          # run epsilon scaling and the time-shift sampler too
     exact: bool = True              # on a mixture, run the exact score and the exact NAGs too
     eps_b: float = 1.005            # epsilon scaling lambda_t = b (k = 0)
     n_boot: int = 100               # bootstrap resamples of every interval
+    sw2_proj: int = 32              # random directions of the sliced W2 (the same for every run)
     level: float = 0.95             # the intervals' level
     seeds: int = 1                  # independently trained denoisers and estimators (seed, seed + 1, ...), pooled in the intervals
     models: list = field(default_factory=list)   # denoiser qualities to compare (training steps each): one study each and the map
@@ -72,7 +73,7 @@ def study_from_dict(d:dict)->StudyConfig:
     cfg = config_from_dict(StudyConfig, d, 'study option')
     check_choice('dataset', cfg.dataset, STUDY_DATASETS); check_choice('path', cfg.path, INTERPOLANTS)
     for s in cfg.samplers: check_choice('samplers', s, SAMPLERS)
-    for name in ('train_steps', 'estimator_steps', 'n_samples', 'n_shift', 'batch_size', 'seeds'): check_range(name, getattr(cfg, name), 1)
+    for name in ('train_steps', 'estimator_steps', 'n_samples', 'n_shift', 'batch_size', 'seeds', 'sw2_proj'): check_range(name, getattr(cfg, name), 1)
     check_range('n_boot', cfg.n_boot, 20); check_range('level', cfg.level, 0, 1, lo_open=True, hi_open=True)
     check_range('p_drop', cfg.p_drop, 0, 1, hi_open=True)
     for n in cfg.models: check_range('models', n, 1)
@@ -195,7 +196,8 @@ class Scorer:
         if self.gm is not None:
             n = len(x0)
             ref = self.refs.setdefault(n, self.gm.sample(n, generator=torch.Generator().manual_seed(self.cfg.seed + 2)))
-            return mixture_metrics(self.gm, x0, ref), mixture_boot(self.gm, x0, ref, self.rows(n), self.rows(n, 1))
+            k = self.cfg.sw2_proj
+            return mixture_metrics(self.gm, x0, ref, n_proj=k), mixture_boot(self.gm, x0, ref, self.rows(n), self.rows(n, 1), n_proj=k)
         f = extract_features(self.fe, as_images(x0.clamp(-1, 1)))
         point = _feature_metrics(f, self.ref_feats, self.layers, min(1000, len(x0)), 20, 3, 2020)
         r = self.ref_feats[self.layers['fid']]
@@ -492,7 +494,7 @@ _INTRO_IMAGES = ("Samples of the `{ds}` images from a denoiser trained with nois
                  "states at the same t, over t <= 0.5, read with the trained estimator g (no exact posterior exists for images).")
 
 _INTRO = ("Samples of the `{ds}` mixture from a denoiser trained with noise-condition dropout (p_drop = {p}), on the `{path}` path. "
-          "Every row of a table starts from the same noise. fd: Fréchet distance to the true mixture; sw2: sliced Wasserstein-2; "
+          "Every row of a table starts from the same noise. fd: Fréchet distance to the true mixture; sw2: sliced Wasserstein-2 ({k} random directions); "
           "mmd2: MMD² (both against fresh data); nll_gap: mean NLL of the samples minus that of data (negative = sharper than the "
           "data); coverage_tv: total variation between mode shares and weights; excess_shift_low_t: mean (E[t|x] - t) of the "
           "sampler's states minus that of forward states at the same t, over t <= 0.5 (exact posterior). The `floor` row is fresh "
@@ -512,7 +514,7 @@ def _notes(cfg, s_e, cal, gap)->list:
 
 def _intro(cfg, gap)->str:
     seeds = f'; {cfg.seeds} independently trained denoisers and estimators, pooled' if cfg.seeds > 1 else ''
-    return ((_INTRO if gap is not None else _INTRO_IMAGES).format(ds=cfg.dataset, p=cfg.p_drop, path=cfg.path) + ' '
+    return ((_INTRO if gap is not None else _INTRO_IMAGES).format(ds=cfg.dataset, p=cfg.p_drop, path=cfg.path, k=cfg.sw2_proj) + ' '
             + _HOW.format(lvl=cfg.level, b=cfg.n_boot, seeds=seeds))
 
 def _summary_md(cfg, groups, tables, figs, s_e, cal, gap)->str:
@@ -664,8 +666,9 @@ def collect_findings(folders:list)->str:
     parts = []
     for f in map(Path, folders):
         cfg, groups = json.loads((f / 'config.json').read_text()), json.loads((f / 'findings.json').read_text())
+        secs = json.loads((f / 'timing.json').read_text())['seconds'] if (f / 'timing.json').exists() else float('nan')
         parts += [f"**`{cfg['dataset']}`**: denoiser trained {cfg['train_steps']} steps with noise-condition dropout "
                   f"(p_drop {cfg['p_drop']}), {cfg['n_samples']} samples per run from the same noise, {cfg['level']:.0%} "
-                  f"bootstrap intervals ({cfg['n_boot']} resamples); full report: `{f.name}/summary.md`.", '',
+                  f"bootstrap intervals ({cfg['n_boot']} resamples); ran in {secs:.0f} s; full report: `{f}/summary.md`.", '',
                   findings_md(groups, cfg['dataset'], only_headline=True), '']
     return '\n'.join(parts)

@@ -1,38 +1,79 @@
-"""The end-to-end study: quick runs through the CLI (in-process and through the papermill notebooks), the digits
-variant, and one-line errors for bad options."""
+"""The end-to-end study: quick runs through the CLI (through the papermill notebooks, and in-process on the digits),
+the generated findings checked against the numbers they cite, and one-line errors for bad options."""
 import json, subprocess, sys
 from pathlib import Path
 import pandas as pd, pytest
-from nag_toolkit.study import run_study, QUICK
 
 def _cli(*args):
     return subprocess.run([sys.executable, '-m', 'nag_toolkit.cli', 'study', *args], capture_output=True, text=True, timeout=900)
 
 def _check_report(out:Path, methods:set):
-    for f in ('results.csv', 'shift.csv', 'shift_by_tbin.csv', 'summary.md', 'summary.html', 'shift_vs_steps.png', 'posterior_heatmaps.png'):
+    for f in ('results.csv', 'shift.csv', 'shift_by_tbin.csv', 'summary.md', 'summary.html', 'shift_vs_steps.png', 'posterior_heatmaps.png',
+              'findings.json', 'findings.md'):
         assert (out / f).stat().st_size > 0, f
     res = pd.read_csv(out / 'results.csv')
-    assert methods <= set(res.method)
+    assert methods | {'floor'} <= set(res.method)
     # every method of a (sampler, steps) cell started from the same noise: one row each
     assert (res.groupby(['sampler', 'steps']).method.nunique() == res.groupby(['sampler', 'steps']).size()).all()
     assert '| method |' in (out / 'summary.md').read_text()
     return res
 
+def _row(res, method, sampler, steps, n):
+    r = res[(res.method == method) & (res.sampler == sampler) & (res.steps == steps) & (res.n_samples == n)]
+    assert len(r) == 1, (method, sampler, steps)
+    return r.iloc[0]
+
+def _check_findings(out:Path):
+    "Every generated claim cites the numbers of results.csv, its verdict follows its interval, and the report shows it."
+    res, groups = pd.read_csv(out / 'results.csv'), json.loads((out / 'findings.json').read_text())
+    summary, n_claims = (out / 'summary.md').read_text(), 0
+    assert {g['method'] for g in groups} >= {'floor', 'cf-NAG w=1', 'cb-NAG w=1'}
+    for g in groups:
+        for c in g['claims']:
+            m, r, b = c['metric'], _row(res, c['method'], c['sampler'], c['steps'], c['n_samples']), _row(res, 'none', c['sampler'], c['steps'], c['n_samples'])
+            cited = [c[k] for k in ('value', 'lo', 'hi', 'base', 'base_lo', 'base_hi', 'delta', 'delta_lo', 'delta_hi')]
+            table = [r[m], r[f'{m}_lo'], r[f'{m}_hi'], b[m], b[f'{m}_lo'], b[f'{m}_hi'], r[f'delta_{m}'], r[f'delta_{m}_lo'], r[f'delta_{m}_hi']]
+            assert cited == pytest.approx(table, rel=1e-12, abs=1e-15), c['text']
+            assert c['delta'] == pytest.approx(c['value'] - c['base'], abs=1e-12)          # a difference of the two values
+            assert c['delta_lo'] <= c['delta'] <= c['delta_hi'] and c['lo'] <= c['value'] <= c['hi']
+            excludes_0 = c['delta_lo'] > 0 or c['delta_hi'] < 0
+            assert excludes_0 != (c['verdict'] in ('no difference', 'no guidance at the floor')), c['text']
+            if excludes_0 and c['method'] != 'floor' and m in ('fd', 'fid', 'coverage_tv'):   # lower is better
+                assert c['verdict'] == ('better' if c['delta_hi'] < 0 else 'worse'), c['text']
+            for v in (c['base'], c['value']): assert f'{v:.3g}' in c['text']
+            assert f"{c['delta']:+.3g}" in c['text'] and c['text'] in summary
+            n_claims += 1
+    return n_claims
+
 def test_quick_study_through_the_papermill_notebooks(tmp_path):
     r = _cli('--quick', '--out', str(tmp_path / 'study'))
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / 'study'
-    _check_report(out, {'none', 'exact score', 'cf-NAG w=1', 'cb-NAG w=1', 'eps scaling', 'time shift'})
+    res = _check_report(out, {'none', 'exact score', 'cf-NAG w=1', 'cb-NAG w=1', 'eps scaling', 'time shift'})
     assert sorted(p.name for p in (out / 'notebooks').iterdir()) == ['estimator.ipynb', 'evaluate.ipynb', 'train.ipynb']
     assert json.loads((out / 'timing.json').read_text())['notebooks'] is True
+    for m in ('fd', 'sw2', 'mmd2', 'nll_gap', 'coverage_tv', 'excess_shift_low_t'):     # every headline number has its interval
+        assert res[[f'{m}_lo', f'{m}_hi', f'delta_{m}', f'delta_{m}_lo', f'delta_{m}_hi']].notna().all().all(), m
+    assert (res[res.method == 'none'][['delta_fd', 'delta_fd_lo', 'delta_fd_hi']] == 0).all().all()   # none against itself
+    assert _check_findings(out) >= 20
+    r = subprocess.run([sys.executable, '-m', 'nag_toolkit.cli', 'findings', str(out), '--out', str(tmp_path / 'f.md')], capture_output=True, text=True)
+    assert r.returncode == 0 and '**the floor**' in (tmp_path / 'f.md').read_text()
 
 def test_quick_study_on_digits_in_process(tmp_path):
-    run_study({**QUICK, 'dataset': 'digits', 'n_samples': 200, 'out': str(tmp_path), 'notebooks': False})
+    r = _cli('--quick', '--dataset', 'digits', '--no-notebooks', '--set', 'n_samples=200', '--set', 'shift_steps=[8]', '--out', str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
     res = _check_report(tmp_path, {'none', 'cf-NAG w=1', 'cb-NAG w=1'})
-    assert {'fid', 'kid_mean', 'precision', 'recall'} <= set(res.columns) and res.fid.notna().all()
+    assert {'fid', 'kid_mean', 'precision', 'recall', 'fid_lo', 'delta_recall_hi'} <= set(res.columns) and res.fid.notna().all()
+    fl = res[res.method == 'floor'].iloc[0]
+    assert fl.fid < res[res.method == 'none'].fid.min()           # held-out digits sit far below an untrained model
+    for f in ('samples_euler_8.png', 'samples_euler_maruyama_8.png'): assert (tmp_path / f).stat().st_size > 0
+    _check_findings(tmp_path)
 
 @pytest.mark.parametrize('args,match', [(['--set', 'dataset=imagenet'], "dataset='imagenet' is not allowed"),
+                                        (['--dataset', 'imagenet'], "dataset='imagenet' is not allowed"),
+                                        (['--preset', 'huge'], "preset='huge' is not allowed"),
                                         (['--set', 'n_sample=3'], "'n_sample' is not a study option"),
+                                        (['--set', 'n_boot=5'], 'n_boot=5 is out of range'),
                                         (['--set', 'p_drop=1.5'], 'p_drop=1.5 is out of range')])
 def test_bad_study_options_fail_on_one_line(tmp_path, args, match):
     r = _cli('--quick', '--out', str(tmp_path / 's'), *args)
