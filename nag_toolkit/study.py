@@ -613,8 +613,9 @@ def pool_studies(cfg:StudyConfig, outs:list)->Path:
 QUICK = {'train_steps': 150, 'estimator_steps': 150, 'n_samples': 400, 'n_shift': 128, 'steps': [8], 'shift_steps': [8, 32],
          'samplers': ['euler', 'euler_maruyama'], 'w_nag': [1.0], 'w_cb': [1.0], 'n_boot': 50}
 # the reduced digits study of `make demo`: no guidance against both NAGs at a few weights, two samplers, two step counts
-DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 1000, 'estimator_steps': 400, 'n_samples': 500, 'n_shift': 128, 'steps': [8, 32],
-               'shift_steps': [], 'samplers': ['euler', 'euler_maruyama'], 'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0], 'baselines': False}
+DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 400, 'batch_size': 128, 'estimator_steps': 300, 'n_samples': 400, 'n_shift': 128,
+               'steps': [8, 16], 'shift_steps': [], 'samplers': ['euler', 'euler_maruyama'], 'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0],
+               'baselines': False}
 # where NAG helps: w x steps x sampler, a weak and a strong denoiser (`models`: their training steps)
 FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'], 'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0],
         'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 1000, 'shift_steps': [], 'baselines': False, 'exact': False, 'models': [800, 8000]}
