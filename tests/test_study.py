@@ -69,6 +69,18 @@ def test_quick_study_on_digits_in_process(tmp_path):
     for f in ('samples_euler_8.png', 'samples_euler_maruyama_8.png'): assert (tmp_path / f).stat().st_size > 0
     _check_findings(tmp_path)
 
+def test_seeds_are_pooled(tmp_path):
+    "With seeds: 2, one study per seed and a pooled results.csv: mean estimates, intervals and paired differences."
+    from nag_toolkit.study import run_study, QUICK
+    run_study({**QUICK, 'seeds': 2, 'samplers': ['euler'], 'shift_steps': [8], 'train_steps': 60, 'estimator_steps': 60, 'n_samples': 200,
+               'exact': False, 'baselines': False, 'out': str(tmp_path), 'notebooks': False})
+    pooled, a, b = (pd.read_csv(tmp_path / d / 'results.csv') for d in ('.', 'seed0', 'seed1'))
+    assert list(pooled.method) == list(a.method) == list(b.method)
+    assert pooled.fd.tolist() == pytest.approx(((a.fd + b.fd) / 2).tolist(), abs=1e-12)
+    assert (pooled.fd_lo <= pooled.fd).all() and (pooled.fd <= pooled.fd_hi).all()
+    assert pooled.delta_fd.tolist() == pytest.approx((pooled.fd - pooled[pooled.method == 'none'].fd.item()).tolist(), abs=1e-12)
+    _check_findings(tmp_path)
+
 @pytest.mark.parametrize('args,match', [(['--set', 'dataset=imagenet'], "dataset='imagenet' is not allowed"),
                                         (['--dataset', 'imagenet'], "dataset='imagenet' is not allowed"),
                                         (['--preset', 'huge'], "preset='huge' is not allowed"),
