@@ -6,7 +6,8 @@
 from __future__ import annotations
 import math
 import torch, pandas as pd
-from .metrics import (_flat, _sqdist, _quantiles, median_bandwidth, mixture_moments, frechet_distance, gaussian_stats)
+from .metrics import (_flat, _sqdist, _quantiles, median_bandwidth, mixture_moments, frechet_distance,
+                                 gaussian_stats)
 
 # %% auto #0
 __all__ = ['MIXTURE_BOOT', 'IMAGE_BOOT', 'boot_indices', 'interval', 'paired_delta', 'mmd_boot', 'sw2_boot', 'fd_boot',
@@ -53,7 +54,8 @@ def mmd_boot(x, y, # samples [N, ...] and [M, ...]
     x, y, h2 = _flat(x), _flat(y), 2 * bandwidth ** 2
     kxx, kyy, kxy = (torch.exp(-_sqdist(a, b) / h2) for a, b in ((x, x), (y, y), (x, y)))
     cx, cy, n, m = _counts(ix, len(x)), _counts(iy, len(y)), ix.shape[1], iy.shape[1]
-    return _offdiag(kxx, cx) / (n * (n - 1)) + _offdiag(kyy, cy) / (m * (m - 1)) - 2 * ((cx @ kxy) * cy).sum(1) / (n * m)
+    cross = ((cx @ kxy) * cy).sum(1) / (n * m)
+    return _offdiag(kxx, cx) / (n * (n - 1)) + _offdiag(kyy, cy) / (m * (m - 1)) - 2 * cross
 
 def _sorted_resamples(v, ix):
     "Each column of `v` [N, P] resampled by each row of `ix` [B, N] and sorted, [P, N] per row: one sort, then repeats."
@@ -133,7 +135,8 @@ def pool_seeds(points, # the point estimate of each of k independently trained m
     "(mean over models, its bootstrap values [B]): the models resampled with replacement, then each one's own resample."
     b = torch.as_tensor(boots, dtype=torch.float64)
     pick = torch.randint(len(b), (b.shape[1], len(b)), generator=torch.Generator().manual_seed(seed))
-    return float(torch.as_tensor(points, dtype=torch.float64).mean()), b[pick, torch.arange(b.shape[1])[:, None]].mean(1)
+    pooled = b[pick, torch.arange(b.shape[1])[:, None]].mean(1)
+    return float(torch.as_tensor(points, dtype=torch.float64).mean()), pooled
 
 # %% ../nbs/14a_intervals.ipynb #daddee89
 def _five(p, b, bp, bb, level):
