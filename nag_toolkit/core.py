@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_core.ipynb #68eca160
 from __future__ import annotations
-import os, sys, ctypes, functools, dataclasses
+import os, sys, ctypes, functools, dataclasses, errno, json, math, socket, tempfile, time, warnings
 from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['CPU_ALLOCATOR_TUNED', 'ConfigError', 'check_choice', 'check_range', 'cli_errors', 'coerce', 'config_from_dict',
-           'first_line', 'read_yaml_mapping', 'as_t', 'expand_t', 'shared_time', 'host_time', 'sample_seed',
-           'sample_generators', 'randn_per_sample', 'tune_cpu_allocator']
+__all__ = ['LOCK_NAME', 'CPU_ALLOCATOR_TUNED', 'ConfigError', 'check_choice', 'check_range', 'cli_errors', 'check_finite',
+           'coerce', 'config_from_dict', 'first_line', 'read_yaml_mapping', 'check_out_dir', 'RunWarning', 'warn',
+           'RunLock', 'file_digest', 'digest_ok', 'fault_point', 'progress_interval', 'progress', 'as_t', 'expand_t',
+           'shared_time', 'host_time', 'sample_seed', 'sample_generators', 'randn_per_sample', 'tune_cpu_allocator']
 
 # %% ../nbs/00_core.ipynb #a8a6e9ad
 class ConfigError(ValueError):
@@ -27,10 +28,11 @@ def check_choice(field:str, # the option's name, as the user wrote it
 
 def check_range(field:str, value, lo=None, hi=None, lo_open=False, hi_open=False):
     "Return `value` if it lies in the interval from `lo` to `hi` (open ends as asked), else raise `ConfigError`."
+    interval = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+    if isinstance(value, float) and not math.isfinite(value):   # NaN compares False with everything: refuse it first
+        raise ConfigError(f"{field}={value!r} is not a finite number; allowed: {interval}")
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and (value >= hi if hi_open else value > hi))
-    if bad:
-        interval = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
-        raise ConfigError(f"{field}={value!r} is out of range; allowed: {interval}")
+    if bad: raise ConfigError(f"{field}={value!r} is out of range; allowed: {interval}")
     return value
 
 # %% ../nbs/00_core.ipynb #084c5a76
@@ -47,13 +49,27 @@ def cli_errors(f):
 # %% ../nbs/00_core.ipynb #0b979f2f
 _TYPES = {'str': str, 'int': int, 'float': float, 'bool': bool, 'dict': dict, 'list': list, 'tuple': tuple}
 
+def check_finite(name:str, value, nested:bool=False):
+    "Return `value` unless it, or a number in it (lists, dicts), is NaN or infinite: then a one-line ConfigError."
+    if isinstance(value, dict):
+        for k, v in value.items(): check_finite(f"{name}.{k}", v, True)
+    elif isinstance(value, (list, tuple)):
+        for v in value: check_finite(name, v, True)
+    elif (isinstance(value, float) and not math.isfinite(value)) or (  # inside a dict, YAML reads `nan` as a string
+            nested and isinstance(value, str) and value.strip().lower().lstrip('+-') in ('nan', 'inf', 'infinity')):
+        raise ConfigError(f"{name}={value!r} is not a finite number; allowed: finite values")
+    return value
+
 def coerce(name:str, value, type_str:str):
     "Coerce `value` to the declared type `type_str` (e.g. 'int', 'float | None'), or raise a one-line ConfigError."
     optional, base = 'None' in type_str, type_str.split('|')[0].strip()
     if value is None and optional: return None
-    want = _TYPES[base]
+    return check_finite(name, _coerce(name, value, _TYPES[base], type_str))
+
+def _coerce(name:str, value, want:type, type_str:str):
+    "The value as type `want` where it converts without loss, else a one-line ConfigError."
     if want is bool and isinstance(value, str) and value.lower() in ('true', 'false', '1', '0'): return value.lower() in ('true', '1')
-    if want is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+    if want is float and isinstance(value, (int, str)) and not isinstance(value, bool):   # '1e-4', '3'; 'nan' too
         try: return float(value)
         except ValueError: pass
     if want is int and isinstance(value, str) and value.strip().lstrip('-').isdigit(): return int(value)
@@ -83,6 +99,127 @@ def read_yaml_mapping(path, field:str='config')->dict:
     if d is None: return {}
     if not isinstance(d, dict): raise ConfigError(f"{field}={str(p)!r} must hold a mapping of options")
     return d
+
+# %% ../nbs/00_core.ipynb #ced60d68
+def check_out_dir(path, # the folder a command will write into
+                  field:str='out', # the option's name, for the message
+                  create:bool=False)->Path: # make the folder (and its parents) once the checks pass
+    "`path` as a Path, once it is (or can be made) a writable folder; else a one-line ConfigError naming it."
+    p = Path(path)
+    bad = lambda why: ConfigError(f"{field}={str(p)!r} {why}; allowed: a folder that can be created and written")
+    if p.exists() and not p.is_dir(): raise bad("is a file")
+    anc = p
+    while not anc.exists() and anc != anc.parent and not anc.is_symlink(): anc = anc.parent   # the nearest existing ancestor
+    if not anc.is_dir(): raise bad(f"runs through {str(anc)!r}, which is not a folder")
+    if anc != p and not os.access(anc, os.W_OK | os.X_OK):
+        ro = hasattr(os, 'statvfs') and os.statvfs(anc).f_flag & os.ST_RDONLY
+        raise bad(f"cannot be created: {str(anc)!r} is not writable ({'Read-only file system' if ro else 'Permission denied'})")
+    try:
+        if create: p.mkdir(parents=True, exist_ok=True)
+        if p.is_dir(): os.close((tmp := tempfile.mkstemp(prefix='.write-check-', dir=p))[0]); os.unlink(tmp[1])
+    except OSError as e: raise bad(f"is not writable ({e.strerror})") from None
+    return p
+
+# %% ../nbs/00_core.ipynb #53d7be0d
+class RunWarning(UserWarning):
+    "Something a run recovered from (a stale lock taken over, a damaged checkpoint skipped); printed as one line."
+
+def warn(msg:str):
+    "Issue a `RunWarning` (the command line prints it as `warning: msg`)."
+    warnings.warn(msg, RunWarning, stacklevel=2)
+
+# %% ../nbs/00_core.ipynb #d100338f
+try: import fcntl
+except ImportError: fcntl = None          # not POSIX: the pid/host record alone decides
+
+LOCK_NAME = '.lock'
+
+def _alive(pid)->bool:
+    "Whether process `pid` exists on this host (False for anything that is not a pid)."
+    try: pid = int(pid)
+    except (TypeError, ValueError): return False
+    if pid <= 0: return False
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def _holder(fd:int, wait:float=0.0)->dict:
+    "The holder recorded in an open lock file ({} when none), waiting up to `wait` seconds for one being written."
+    deadline = time.time() + wait
+    while True:
+        try: rec = json.loads(os.pread(fd, 4096, 0).decode() or '{}')
+        except (ValueError, UnicodeDecodeError): rec = {}
+        rec = rec if isinstance(rec, dict) else {}
+        if rec or time.time() >= deadline: return rec
+        time.sleep(0.01)
+
+def _flock(fd:int)->bool|None:
+    "Try the advisory lock: True (got it), False (held by another process), None (not supported here)."
+    if fcntl is None: return None
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return True
+    except OSError as e: return False if e.errno in (errno.EAGAIN, errno.EACCES) else None
+
+# %% ../nbs/00_core.ipynb #6aa90267
+class RunLock:
+    "Hold `folder/.lock` while a run writes there; a second process gets a one-line ConfigError naming the holder."
+    def __init__(self, folder, field:str='out'): self.folder, self.field, self.fd = Path(folder), field, None
+
+    def __enter__(self):
+        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        got, host = _flock(fd), socket.gethostname()
+        old = _holder(fd, wait=0.5 if got is False else 0)    # a holder that just got the lock may be writing its record
+        gone = old.get('host') == host and not _alive(old.get('pid'))
+        if got is False or (got is None and old and not gone):   # flock decides where it works (a dead holder's is released)
+            os.close(fd)
+            raise ConfigError(f"{self.field}={str(self.folder)!r} is in use by pid {old.get('pid')} on host {old.get('host')} (since "
+                              f"{old.get('since')}); allowed: wait for that run to end, or another {self.field}")
+        if old: warn(f"{self.field}={str(self.folder)!r} was held by pid {old.get('pid')} on host {old.get('host')}, which is gone; taking it over")
+        me = {'pid': os.getpid(), 'host': host, 'since': time.strftime('%Y-%m-%d %H:%M:%S')}
+        os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(me).encode(), 0); os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.ftruncate(self.fd, 0); os.close(self.fd)    # an empty record: released cleanly (closing drops the flock)
+
+# %% ../nbs/00_core.ipynb #1204f1fb
+def file_digest(path)->dict:
+    "The size and SHA-256 of a file: `{'size': bytes, 'sha256': hex}`."
+    import hashlib
+    h, n = hashlib.sha256(), 0
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20): h.update(chunk); n += len(chunk)
+    return {'size': n, 'sha256': h.hexdigest()}
+
+def digest_ok(path, want:dict)->bool:
+    "Whether the file at `path` exists and has the size and SHA-256 recorded in `want`."
+    p = Path(path)
+    return p.is_file() and p.stat().st_size == want.get('size') and file_digest(p) == want
+
+# %% ../nbs/00_core.ipynb #e3040c89
+_FAULT_COUNTS = {}
+
+def fault_point(name:str):
+    "A place where the tests may kill this process (NAG_TOOLKIT_FAULT=name@k) or slow it (NAG_TOOLKIT_FAULT_DELAY)."
+    delay, spec = os.environ.get('NAG_TOOLKIT_FAULT_DELAY'), os.environ.get('NAG_TOOLKIT_FAULT', '')
+    if delay: time.sleep(float(delay))
+    if not spec.startswith(name + '@'): return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(spec.rsplit('@', 1)[1]): os.kill(os.getpid(), 9)
+
+# %% ../nbs/00_core.ipynb #9c163efa
+def progress_interval(file=None)->float:
+    "Seconds between progress redraws: 0.1 on a terminal, else NAG_TOOLKIT_PROGRESS_INTERVAL (default 5)."
+    f = file or sys.stderr
+    if hasattr(f, 'isatty') and f.isatty(): return 0.1
+    return float(os.environ.get('NAG_TOOLKIT_PROGRESS_INTERVAL', 5.0))
+
+def progress(iterable=None, **kwargs):
+    "A tqdm progress bar that redraws at most every `progress_interval()` seconds (few lines in logs)."
+    from tqdm.auto import tqdm
+    kwargs.setdefault('mininterval', progress_interval(kwargs.get('file')))
+    return tqdm(iterable, **kwargs)
 
 # %% ../nbs/00_core.ipynb #6a7b9405
 def as_t(t, x:torch.Tensor)->torch.Tensor:
