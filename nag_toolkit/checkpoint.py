@@ -8,10 +8,10 @@ import json, os, shutil
 from pathlib import Path
 import torch
 from safetensors.torch import save_file, load_file
-from .core import ConfigError
+from .core import ConfigError, file_digest, digest_ok, fault_point, warn, _alive
 
 # %% auto #0
-__all__ = ['PICKLE_SUFFIXES', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint']
+__all__ = ['PICKLE_SUFFIXES', 'save_checkpoint', 'latest_checkpoint', 'checkpoint_damage', 'load_checkpoint']
 
 # %% ../nbs/08_checkpoint.ipynb #c910db61
 def _fsync_dir(path:Path):
@@ -53,26 +53,34 @@ def _state_dict_cpu(module)->dict:
     module = getattr(module, 'module', module); module = getattr(module, '_orig_mod', module)
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
+def _clear_stale(root:Path):
+    "Remove temporary folders that killed writers left behind (their process is gone)."
+    for tmp in root.glob('.step_*.tmp-*'):
+        pid = tmp.name.rsplit('-', 1)[1]
+        if not pid.isdigit() or not _alive(int(pid)): shutil.rmtree(tmp, ignore_errors=True)
+
 def save_checkpoint(out, # the run's folder; checkpoints go to out/checkpoints
                     step:int, # the number of optimizer steps taken
                     model, ema=None, optimizer=None,
                     state:dict|None=None, # JSON-ready: config, counters, anything else
                     keep:int=2)->Path: # how many checkpoints to keep (0 keeps all)
-    "Write a checkpoint atomically and point `latest` at it; returns its folder."
-    root = Path(out) / 'checkpoints'; root.mkdir(parents=True, exist_ok=True)
+    "Write a checkpoint atomically, with each file's size and SHA-256 in state.json, and point `latest` at it."
+    root = Path(out) / 'checkpoints'; root.mkdir(parents=True, exist_ok=True); _clear_stale(root)
     final, tmp = root / f'step_{step:08d}', root / f'.step_{step:08d}.tmp-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-    save_file(_state_dict_cpu(model), tmp / 'model.safetensors')
-    if ema is not None: save_file(_state_dict_cpu(ema), tmp / 'ema.safetensors')
+    tensors = {'model.safetensors': _state_dict_cpu(model), 'ema.safetensors': None if ema is None else _state_dict_cpu(ema)}
     opt_meta = None
-    if optimizer is not None:
-        tensors, opt_meta = _flat_optimizer(optimizer)
-        save_file(tensors, tmp / 'optim.safetensors')
-    _write_json(tmp / 'state.json', {'step': step, 'optimizer': opt_meta, **(state or {})})
+    if optimizer is not None: tensors['optim.safetensors'], opt_meta = _flat_optimizer(optimizer)
+    for name, sd in tensors.items():
+        if sd is not None: save_file(sd, tmp / name); fault_point('checkpoint.write')
+    files = {f.name: file_digest(f) for f in sorted(tmp.iterdir())}
+    _write_json(tmp / 'state.json', {'step': step, 'optimizer': opt_meta, 'files': files, **(state or {})})
     for f in tmp.iterdir():
         with open(f, 'rb') as fh: os.fsync(fh.fileno())
+    fault_point('checkpoint.rename')
     if final.exists(): shutil.rmtree(final)
     os.replace(tmp, final); _fsync_dir(root)
+    fault_point('checkpoint.latest')
     (root / 'latest.tmp').write_text(final.name); os.replace(root / 'latest.tmp', root / 'latest'); _fsync_dir(root)
     _prune(root, keep)
     return final
@@ -86,27 +94,51 @@ def _prune(root:Path, keep:int):
 PICKLE_SUFFIXES = ('.pt', '.pth', '.pkl', '.pickle', '.bin', '.ckpt')
 
 def latest_checkpoint(out)->Path|None:
-    "The newest complete checkpoint folder of a run (or None)."
-    root = Path(out) / 'checkpoints'
+    "The newest complete checkpoint folder of a run (or None); complete: renamed into place, not necessarily intact."
+    found = _candidates(Path(out) / 'checkpoints')
+    return found[0] if found else None
+
+def _candidates(root:Path)->list:
+    "A run's complete checkpoint folders, newest first (the one `latest` names leads)."
+    done = sorted((p for p in root.glob('step_*') if (p / 'state.json').exists()), reverse=True)
     ptr = root / 'latest'
-    if ptr.exists() and (root / ptr.read_text().strip() / 'state.json').exists(): return root / ptr.read_text().strip()
-    done = sorted(p for p in root.glob('step_*') if (p / 'state.json').exists())
-    return done[-1] if done else None
+    named = root / ptr.read_text().strip() if ptr.is_file() else None
+    return [named, *(p for p in done if p != named)] if named in done else done
+
+def checkpoint_damage(d:Path)->str|None:
+    "What is wrong with checkpoint folder `d` (its file and how), or None when every recorded size and SHA-256 match."
+    try: state = json.loads((d / 'state.json').read_text())
+    except (OSError, ValueError) as e: return f"{d / 'state.json'} cannot be read ({type(e).__name__})"
+    for name, want in state.get('files', {}).items():   # checkpoints from before the checksums have none: trusted
+        if not digest_ok(d / name, want): return f"{d / name} is damaged or truncated (its size or SHA-256 differs from state.json)"
+    return None
+
+def _intact(root:Path)->Path:
+    "The newest intact checkpoint of `root`, warning for each damaged one skipped; a one-line error when there is none."
+    first = None
+    for d in _candidates(root):
+        why = checkpoint_damage(d)
+        if why is None:
+            if first: warn(f"checkpoint {first}; using the previous intact one, {d.name}")
+            return d
+        first = first or why
+    raise ConfigError(f"checkpoint {first}; there is no intact checkpoint in {root}" if first else
+                      f"checkpoint={str(root.parent)!r} holds no checkpoint; allowed: a run folder or a folder with state.json")
 
 def _resolve(path)->Path:
-    "The checkpoint folder that `path` names, or a one-line error."
+    "The checkpoint folder that `path` names (verified), or a one-line error."
     p = Path(path)
     if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.read_bytes()[:2] in (b'\x80\x02', b'\x80\x04', b'PK')):
         raise ConfigError(f"checkpoint={str(p)!r} is a pickled file and is refused (loading it could run code); allowed: a folder with "
                           "model.safetensors and state.json (official DiT/SiT weights load through nag_toolkit.models.load_pretrained)")
-    if (p / 'state.json').exists(): return p
-    found = latest_checkpoint(p.parent if p.name == 'checkpoints' else p)
-    if found is None: raise ConfigError(f"checkpoint={str(p)!r} holds no checkpoint; allowed: a run folder or a folder with state.json")
-    return found
+    if (p / 'state.json').exists():
+        if why := checkpoint_damage(p): raise ConfigError(f"checkpoint {why}; allowed: an intact checkpoint (or its run folder)")
+        return p
+    return _intact(p if p.name == 'checkpoints' else p / 'checkpoints')
 
 def load_checkpoint(path, # a run folder, its checkpoints folder, or one checkpoint folder
                     map_location='cpu')->dict:
-    "Read a checkpoint: 'model', 'ema' and 'optimizer' state dicts (None where absent) and the JSON 'state'."
+    "Read a checkpoint (for a run: its newest intact one): 'model', 'ema', 'optimizer' state dicts (None where absent), 'state'."
     d = _resolve(path)
     state = json.loads((d / 'state.json').read_text())
     read = lambda name: load_file(d / name, device=str(map_location)) if (d / name).exists() else None
