@@ -4,14 +4,13 @@
 
 # %% ../nbs/09_train.ipynb #d3fdbeee
 from __future__ import annotations
-import copy, csv, dataclasses, json, math, os, signal, time
+import contextlib, copy, csv, dataclasses, json, math, os, signal, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import torch, torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader
-from tqdm.auto import tqdm
-from .core import ConfigError, check_choice, check_range, sample_seed, config_from_dict
+from .core import ConfigError, check_choice, check_range, sample_seed, config_from_dict, check_out_dir, RunLock, progress
 from .interpolants import get_interpolant, PRED_KINDS, INTERPOLANTS
 from .data import get_dataset
 from .models import build_model, load_pretrained
@@ -179,8 +178,8 @@ def ema_update(ema, model, decay:float):
     for be, bm in zip(ema.buffers(), model.buffers()): be.copy_(bm)
 
 # %% ../nbs/09_train.ipynb #f83a44b3
-def setup(cfg:TrainConfig)->dict:
-    "Build data, model, EMA and optimizer for `cfg`, resuming from `cfg.out` when it holds a checkpoint."
+def setup(cfg:TrainConfig, held:contextlib.ExitStack|None=None)->dict:
+    "Build data, model, EMA and optimizer for `cfg`, resuming from `cfg.out` when it holds a checkpoint (locked into `held`)."
     device = pick_device(cfg.device)
     rank, world = init_distributed(device)
     cfg = resolve(cfg, world)
@@ -196,6 +195,7 @@ def setup(cfg:TrainConfig)->dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     run = {'cfg': cfg, 'device': device, 'rank': rank, 'world': world, 'ds': ds, 'model': model, 'ema': ema,
            'opt': opt, 'pred': pred, 'path': get_interpolant(cfg.path), 'step': 0, 'skipped': 0}
+    if held is not None: _take_folder(run, held)      # every option checked: now make the folder and lock it
     _maybe_resume(run)
     model.to(device); ema.to(device)
     for st in opt.state.values():
@@ -205,9 +205,11 @@ def setup(cfg:TrainConfig)->dict:
 
 def _maybe_resume(run:dict):
     "Load the latest checkpoint of the run's folder into the run, after checking the configs agree."
-    ck_dir = latest_checkpoint(run['cfg'].out)
-    if ck_dir is None: return
-    ck = load_checkpoint(ck_dir)
+    if latest_checkpoint(run['cfg'].out) is not None: _resume_from(run, load_checkpoint(run['cfg'].out))   # the newest intact one
+    if run['rank'] == 0: _trim_log(Path(run['cfg'].out) / 'metrics.csv', run['step'])
+
+def _resume_from(run:dict, ck:dict):
+    "Load checkpoint `ck` into the run, after checking that the configs agree."
     old, new = ck['state']['config'], asdict(run['cfg'])
     default = {f.name: f.default for f in fields(TrainConfig)}       # a field added since: the old run had its default
     diff = [k for k in new if k not in RESUME_FREE and old.get(k, default[k]) != new[k]]
@@ -215,6 +217,23 @@ def _maybe_resume(run:dict):
     run['model'].load_state_dict(ck['model']); run['ema'].load_state_dict(ck['ema'])
     run['opt'].load_state_dict(ck['optimizer'])
     run['step'], run['skipped'] = ck['state']['step'], ck['state'].get('skipped', 0)
+
+def _take_folder(run:dict, held:contextlib.ExitStack):
+    "Rank 0 makes the run folder and holds its lock; every process raises the same one-line error if it cannot."
+    err = ''
+    if run['rank'] == 0:
+        try: check_out_dir(run['cfg'].out, create=True); held.enter_context(RunLock(run['cfg'].out))
+        except ConfigError as e: err = str(e)
+    if run['world'] > 1: box = [err]; dist.broadcast_object_list(box, src=0); err = box[0]
+    if err: raise ConfigError(err)
+
+def _trim_log(f:Path, step:int):
+    "Keep the complete rows of metrics.csv up to `step` (a killed run may have logged past its checkpoint, or half a row)."
+    if not f.exists(): return
+    lines = f.read_text().splitlines(keepends=True)
+    if not lines or not lines[0].endswith('\n'): f.unlink(); return                  # not even a whole header
+    keep = lines[:1] + [l for l in lines[1:] if l.endswith('\n') and l.split(',', 1)[0].isdigit() and int(l.split(',', 1)[0]) <= step]
+    if keep != lines: f.with_name(f.name + '.tmp').write_text(''.join(keep)); os.replace(f.with_name(f.name + '.tmp'), f)
 
 # %% ../nbs/09_train.ipynb #070945d5
 class TrainingDiverged(RuntimeError):
@@ -295,10 +314,16 @@ def _net(run:dict):
 def train(cfg:TrainConfig|dict)->dict:
     "Train (or resume) the run described by `cfg`; returns a summary with the final step and the run's objects."
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    run = setup(cfg); cfg = run['cfg']
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    net, stopped = _net(run), None
-    bar = tqdm(total=cfg.steps, initial=run['step'], disable=run['rank'] != 0, desc='train')
+    check_out_dir(cfg.out)                            # a folder that cannot be written: one line, before any work
+    with contextlib.ExitStack() as held:              # the run folder's lock, held to the last checkpoint
+        run = setup(cfg, held)
+        return _train(run)
+
+def _train(run:dict)->dict:
+    "The training loop of a set-up run: steps, logs, checkpoints, and a clean stop on SIGTERM/SIGUSR1."
+    cfg, stopped = run['cfg'], None
+    net = _net(run)
+    bar = progress(total=cfg.steps, initial=run['step'], disable=run['rank'] != 0, desc='train')
     cuda = run['device'].type == 'cuda'
     loader = batch_loader(run['ds'], cfg, run['step'], run['rank'], run['world'], pin_memory=cuda)
     with StopFlag() as flag:
@@ -310,7 +335,7 @@ def train(cfg:TrainConfig|dict)->dict:
             if run['rank'] == 0 and (run['step'] % cfg.log_every == 0 or run['step'] == cfg.steps):
                 _log(run, {'step': run['step'], **m, 'lr': cfg.lr, 'seconds': time.perf_counter() - t0,
                            'data_wait': wait})
-                bar.set_postfix(loss=f"{m['loss']:.4f}")
+                bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
             if _agree(flag.signal is not None, run, run['device']): stopped = flag.signal or 'signal'; break
             if run['step'] % cfg.ckpt_every == 0: _checkpoint(run)
             t0 = time.perf_counter()
