@@ -4,13 +4,13 @@
 
 # %% ../nbs/16_sample.ipynb #3391d250
 from __future__ import annotations
-import dataclasses, json, math, os, shutil, zipfile
+import contextlib, dataclasses, json, math, os, shutil, zipfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from .core import ConfigError, check_choice, check_range, config_from_dict, sample_generators, randn_per_sample
+from .core import check_out_dir, RunLock, progress, file_digest, digest_ok, fault_point, warn, _alive
 from .interpolants import get_interpolant
 from .samplers import GRID_KINDS, time_grid, sde_grid
 from .samplers import sample_euler, sample_heun, sample_ddpm, sample_ddim, sample_euler_maruyama, sample_dpmpp_2m
@@ -20,8 +20,8 @@ from .train import load_trained, pick_device
 # %% auto #0
 __all__ = ['SAMPLERS', 'GRIDS', 'FORMATS', 'LAYOUTS', 'RESUME_FREE', 'SampleConfig', 'sampler_options', 'from_dict',
            'check_config', 'sampling_grid', 'sample_shape', 'load_job', 'draw_samples', 'decode_latents',
-           'to_uint8_nhwc', 'encode', 'shard_range', 'rank_shards', 'shard_path', 'shard_count', 'write_npz',
-           'write_png', 'world_info', 'make_shard', 'sample_shards']
+           'to_uint8_nhwc', 'encode', 'shard_range', 'rank_shards', 'shard_path', 'shard_record', 'shard_state',
+           'shard_done', 'shard_count', 'write_npz', 'write_png', 'world_info', 'make_shard', 'sample_shards']
 
 # %% ../nbs/16_sample.ipynb #eebeb9eb
 @dataclass
@@ -196,6 +196,23 @@ def shard_path(out, k:int, fmt:str='npz')->Path:
     "Where shard `k` lives: `out/shard_{k:06d}.npz`, or the folder `out/shard_{k:06d}` for PNG."
     return Path(out) / (f"shard_{k:06d}" + ('.npz' if fmt == 'npz' else ''))
 
+def shard_record(dst:Path)->Path:
+    "The JSON record beside shard `dst`: `out/shard_{k:06d}.json`."
+    return dst.with_name(dst.name.split('.')[0] + '.json')
+
+def shard_state(dst:Path, n:int)->str:
+    "'done' (its record says `n` samples and every file's size and SHA-256 match), 'damaged' (they do not), else 'todo'."
+    if not dst.exists(): return 'todo'                                # missing (never written, or removed to be redone)
+    try: rec = json.loads(shard_record(dst).read_text())
+    except (OSError, ValueError): return 'todo'                      # not recorded: never finished
+    if not isinstance(rec, dict) or not rec.get('files'): return 'todo'
+    if not all(digest_ok(dst.parent / f, want) for f, want in rec['files'].items()): return 'damaged'
+    return 'done' if rec.get('samples') == n else 'todo'              # fewer samples: a larger num_samples extends it
+
+def shard_done(dst:Path, n:int)->bool:
+    "Whether shard `dst` is finished and intact (`shard_state` is 'done')."
+    return shard_state(dst, n) == 'done'
+
 def shard_count(dst:Path, fmt:str='npz')->int:
     "Number of samples in a finished shard (0 where it is missing)."
     if not dst.exists(): return 0
@@ -206,25 +223,40 @@ def shard_count(dst:Path, fmt:str='npz')->int:
 
 # %% ../nbs/16_sample.ipynb #9e20ae1f
 def _move_into_place(tmp:Path, dst:Path):
-    "Move a finished temporary file or folder into place."
+    "Move a finished temporary file or folder into place, then record its files' sizes and SHA-256 beside it."
+    fault_point('shard.write')
     if dst.is_dir(): shutil.rmtree(dst)
     os.replace(tmp, dst)
+    fault_point('shard.record')
+    files = [dst] if dst.is_file() else sorted(dst.iterdir())
+    n = len(np.load(dst)['labels']) if dst.is_file() else len(np.load(dst / 'labels.npy'))
+    rec, tmp_rec = shard_record(dst), dst.with_name(f"{shard_record(dst).name}.tmp-{os.getpid()}")
+    tmp_rec.write_text(json.dumps({'samples': n, 'files': {str(f.relative_to(dst.parent)): file_digest(f) for f in files}}, indent=1))
+    os.replace(tmp_rec, rec)
 
 def write_npz(dst:Path, arr:np.ndarray, labels:np.ndarray):
-    "Write an npz shard (`arr_0`, `labels`) atomically."
-    tmp = dst.with_name(dst.name + '.tmp')
+    "Write an npz shard (`arr_0`, `labels`) atomically, and its record."
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    shard_record(dst).unlink(missing_ok=True)
     with open(tmp, 'wb') as f:
         np.savez(f, arr_0=arr, labels=labels); f.flush(); os.fsync(f.fileno())
     _move_into_place(tmp, dst)
 
 def write_png(dst:Path, arr:np.ndarray, labels:np.ndarray, start:int):
-    "Write a PNG shard folder (one file per sample, named by global index, and labels.npy) atomically."
+    "Write a PNG shard folder (one file per sample, named by global index, and labels.npy) atomically, and its record."
     from PIL import Image
-    tmp = dst.with_name(dst.name + '.tmp')
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    shard_record(dst).unlink(missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
     for i, img in enumerate(arr): Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{start + i:09d}.png")
     np.save(tmp / 'labels.npy', labels)
     _move_into_place(tmp, dst)
+
+def _clear_stale(out:Path):
+    "Remove temporary shards that killed writers left behind (their process is gone)."
+    for tmp in out.glob('shard_*.tmp-*'):
+        pid = tmp.name.rsplit('-', 1)[1]
+        if not pid.isdigit() or not _alive(int(pid)): shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 # %% ../nbs/16_sample.ipynb #f1ebfca3
 RESUME_FREE = {'out', 'num_samples', 'batch_size', 'device'}
@@ -262,14 +294,24 @@ def sample_shards(cfg:SampleConfig|dict)->dict:
     "Write `cfg.num_samples` samples as numbered shards in `cfg.out` (this process's share under torchrun)."
     cfg = check_config(SampleConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg)
     rank, world = world_info()
-    job, out = load_job(cfg), Path(cfg.out)
+    out = check_out_dir(cfg.out)                      # a folder that cannot be written: one line, before any work
+    job = load_job(cfg)
     _check_out(out, job['meta'])
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, create=True)
+    with RunLock(out) if rank == 0 else contextlib.nullcontext():   # one job per folder; rank 0 holds it for all
+        if rank == 0: _clear_stale(out)
+        return _write_shards(job, out, rank, world)
+
+def _write_shards(job:dict, out:Path, rank:int, world:int)->dict:
+    "Record the settings, then write this process's shards that are not finished and intact."
+    cfg = job['cfg']
     _write_meta(out, job['meta'], rank)
     n_shards, done, written = math.ceil(cfg.num_samples / cfg.shard_size), [], []
-    for k in tqdm(rank_shards(n_shards, rank, world), desc='sample' + (f' (rank {rank}/{world})' if world > 1 else ''), disable=rank != 0):
+    for k in progress(rank_shards(n_shards, rank, world), desc='sample' + (f' (rank {rank}/{world})' if world > 1 else ''), disable=rank != 0):
         idx, dst = shard_range(k, cfg.shard_size, cfg.num_samples), shard_path(out, k, cfg.format)
-        if shard_count(dst, cfg.format) == len(idx): done.append(k); continue           # finished earlier: resume
+        state = shard_state(dst, len(idx))
+        if state == 'done': done.append(k); continue                            # finished and intact earlier: resume
+        if state == 'damaged': warn(f"{dst} is damaged or truncated (its size or SHA-256 differs from {shard_record(dst).name}); writing it again")
         arr, labels = make_shard(job, idx)
         if cfg.format == 'npz': write_npz(dst, arr, labels)
         else: write_png(dst, arr, labels, idx.start)

@@ -81,7 +81,7 @@ def test_more_samples_extend_the_run(ref, run, tmp_path):
 def test_png_shards(ref, run, tmp_path):
     sample_shards(_cfg(run, tmp_path, format='png'))
     from PIL import Image
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['sampling.json', 'shard_000000', 'shard_000001', 'shard_000002']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.lock', 'sampling.json', *(f'shard_00000{k}{e}' for k in range(3) for e in ('', '.json'))]
     files = sorted(tmp_path.rglob('*.png'))
     assert [f.relative_to(tmp_path).as_posix() for f in files[:2]] == ['shard_000000/000000000.png', 'shard_000000/000000001.png']
     assert files[-1].name == '000000010.png'
