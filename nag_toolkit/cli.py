@@ -4,11 +4,11 @@
 
 # %% ../nbs/10_cli.ipynb #e447cd66
 from __future__ import annotations
-import argparse, sys
+import argparse, sys, warnings
 from dataclasses import fields
 from pathlib import Path
 import yaml
-from .core import ConfigError, read_yaml_mapping
+from .core import ConfigError, RunWarning, read_yaml_mapping, check_out_dir
 
 # %% auto #0
 __all__ = ['train_options', 'COMMANDS', 'config_options', 'cmd_train', 'study_options', 'cmd_study', 'cmd_findings', 'cmd_sample',
@@ -110,6 +110,7 @@ def cmd_sample(args):
 def cmd_demo(args):
     "The oracle demo (what `make demo` runs)."
     from nag_toolkit.demo import run_demo
+    check_out_dir(args.out or 'runs/demo')
     print(run_demo(args.out or 'runs/demo').to_string(index=False))
 
 COMMANDS = {'study': (cmd_study, _study_flags, 'the end-to-end noise-shift study on an embedded mixture or the digits (what make demo runs)'),
@@ -128,9 +129,20 @@ def parser()->argparse.ArgumentParser:
 def main(argv=None):
     "Entry point of the `nag-toolkit` console script."
     args = parser().parse_args(argv)
-    try: COMMANDS[args.command][0](args)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            COMMANDS[args.command][0](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr); sys.exit(2)
+
+_default_showwarning = warnings.showwarning
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    "A `RunWarning` as the one line `warning: ...`, above any progress bar; other warnings as Python shows them."
+    if not issubclass(category, RunWarning): return _default_showwarning(message, category, filename, lineno, file, line)
+    from tqdm.auto import tqdm
+    tqdm.write(f"warning: {message}", file=file or sys.stderr)
 
 # %% ../nbs/10_cli.ipynb #e07ce371
 def _sweep_flags(p:argparse.ArgumentParser):

@@ -479,8 +479,9 @@ def _vae_device(name:str)->torch.device:
 def write_latents(cfg:LatentsConfig|dict, # the options (a `LatentsConfig` or a dict of its fields)
                   vae=None)->dict: # an `AutoencoderKL` already loaded; None: load `cfg.vae`
     "Encode an image dataset into latent shards in `cfg.out` (this process's shards under torchrun); resumable."
-    from tqdm.auto import tqdm
     cfg = _check_latents_config(LatentsConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg)
+    from nag_toolkit.core import check_out_dir, progress
+    check_out_dir(cfg.out)                            # a folder that cannot be written: one line, before any work
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     ds = get_dataset(cfg.dataset, **cfg.dataset_options)
     n_shards, out = math.ceil(len(ds) / cfg.shard_size), Path(cfg.out)
@@ -490,7 +491,7 @@ def write_latents(cfg:LatentsConfig|dict, # the options (a `LatentsConfig` or a 
     span = lambda k: (k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(ds)))
     meta = {'vae': cfg.vae if isinstance(cfg.vae, str) else '', 'scale': cfg.scale, 'mode': cfg.mode, 'flip': cfg.flip,
             'num_classes': ds.num_classes, 'images': len(ds)}
-    with tqdm(total=sum(b - a for a, b in map(span, todo)), unit='img', desc='latents', disable=rank != 0) as bar:
+    with progress(total=sum(b - a for a, b in map(span, todo)), unit='img', desc='latents', disable=rank != 0) as bar:
         for k in todo:
             z, y = _encode_shard(vae, ds, *span(k), cfg, bar)
             rows = f'{span(k)[0]}:{span(k)[1]}'

@@ -9,9 +9,8 @@ from pathlib import Path
 import torch, pandas as pd
 import matplotlib
 import matplotlib.pyplot as plt
-from tqdm.auto import tqdm
 from fastcore.script import call_parse
-from .core import cli_errors, check_choice, check_range
+from .core import cli_errors, check_choice, check_range, check_out_dir, progress, coerce
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_mixture
 from .samplers import sample_euler, sample_heun, time_grid
@@ -31,7 +30,7 @@ def run_solvers(gm, path, steps, n:int, seed:int):
     denoiser = lambda x, t: gm.denoise(x, t, path)
     exact = sample_heun(denoiser, x1, time_grid(1024), path)   # the ODE's solution from the same noise
     rows, finals = [], {}
-    for solver in tqdm(list(SOLVERS), desc='solvers'):
+    for solver in progress(list(SOLVERS), desc='solvers'):
         for n_steps in steps:
             t0 = time.perf_counter()
             x0 = SOLVERS[solver](denoiser, x1, time_grid(n_steps), path)
@@ -75,8 +74,9 @@ def run_demo(out='runs/demo', # folder for the figures and the table (created if
              seed:int=0): # the run's seed
     "Sample the mixture `dataset` with Euler and Heun through its exact denoiser; write figures and a CSV to `out`."
     check_choice('path', path, INTERPOLANTS); check_range('n', n, 1)
-    gm, out = get_mixture(dataset), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    for s in steps: check_range('steps', s, 1)
+    gm, out = get_mixture(dataset), check_out_dir(out)   # a folder that cannot be written: one line, before any work
+    check_out_dir(out, create=True)
     df, finals, ref = run_solvers(gm, path, list(steps), n, seed)
     df.to_csv(out / 'results.csv', index=False)
     plot_samples(gm, finals, ref, steps).savefig(out / 'samples.png', dpi=120)
@@ -95,6 +95,6 @@ def main(out:str='runs/demo', # output folder
     "Run the oracle demo and print its table."
     matplotlib.use('Agg')
     t0 = time.perf_counter()
-    df = run_demo(out, dataset, path, tuple(int(s) for s in steps.split(',')), n, seed)
+    df = run_demo(out, dataset, path, tuple(coerce('steps', s, 'int') for s in steps.split(',')), n, seed)
     print(df.to_string(index=False, float_format=lambda v: f'{v:.4f}'))
     print(f"wrote {Path(out) / 'samples.png'}, {Path(out) / 'solver_error.png'}, {Path(out) / 'results.csv'} in {time.perf_counter() - t0:.1f}s")

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from tqdm.auto import tqdm
-from .core import ConfigError, check_choice, check_range, sample_seed, as_t
+from .core import ConfigError, check_choice, check_range, sample_seed, as_t, progress as progress_bar
 from .interpolants import get_interpolant
 
 # %% auto #0
@@ -105,7 +105,7 @@ def train_estimator(est:NoiseLevelEstimator, ds, path='linear', steps:int=2000, 
     params = [p for p in est.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, foreach=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    for step in tqdm(range(steps), desc='estimator', disable=not progress):
+    for step in progress_bar(range(steps), desc='estimator', disable=not progress):
         xt, b = estimator_batch(est, ds, path, step, batch_size, seed)
         loss = F.cross_entropy(est.logits(xt.to(device)), b.to(device))
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()

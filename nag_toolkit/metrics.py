@@ -611,6 +611,9 @@ def evaluate(cfg:EvalConfig|dict)->dict:
     "FID, KID, precision/recall and IS of sample shards against a reference; also written to `out/eval.json`."
     cfg = EvalConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     for k in ('batch_size', 'kid_subsets', 'kid_subset_size', 'prc_neighborhood'): check_range(k, getattr(cfg, k), lo=1)
+    out = Path(cfg.out) if cfg.out else (Path(cfg.samples) if Path(cfg.samples).is_dir() else Path(cfg.samples).parent)
+    from nag_toolkit.core import check_out_dir
+    check_out_dir(out)                                # a folder that cannot be written: one line, before any work
     samples = _check_count(as_images(cfg.samples, cfg.image_size), cfg.num_samples)
     layers = metric_layers(check_choice('feature_extractor', cfg.feature_extractor, FEATURE_EXTRACTORS_REGISTRY))
     ref_images, stats = _eval_reference(cfg)
@@ -620,7 +623,6 @@ def evaluate(cfg:EvalConfig|dict)->dict:
     res = _eval_metrics(extract_features(fe, samples, cfg.batch_size), ref, stats, layers, cfg)
     res.update(samples=str(cfg.samples), reference=str(cfg.reference or cfg.reference_dataset),
                feature_extractor=cfg.feature_extractor, weights_id=fe.weights_id)
-    out = Path(cfg.out) if cfg.out else (Path(cfg.samples) if Path(cfg.samples).is_dir() else Path(cfg.samples).parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'eval.json').write_text(json.dumps(res, indent=1, default=float))
     return res

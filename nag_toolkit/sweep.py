@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 import pandas as pd
-from .core import ConfigError, config_from_dict, check_choice, check_range, read_yaml_mapping
+from .core import ConfigError, config_from_dict, check_choice, check_range, read_yaml_mapping, check_out_dir, RunLock
 
 # %% auto #0
 __all__ = ['EXECUTORS', 'RUNNERS', 'Sweep', 'submitit_options', 'default_kernel', 'read_grid', 'Run', 'run_id', 'expand',
@@ -89,7 +89,7 @@ def read_grid(path, # the grid YAML file
     sw = config_from_dict(Sweep, d, 'grid file key')
     sw.notebook = str((path.parent / sw.notebook).resolve())
     if not Path(sw.notebook).is_file(): raise ConfigError(f"notebook={d['notebook']!r} does not exist (a relative path starts at the grid file's folder)")
-    sw.out = str(Path(sw.out or Path('runs/sweeps') / path.stem).resolve())
+    sw.out = str(check_out_dir(sw.out or Path('runs/sweeps') / path.stem).resolve())
     check_choice('executor', sw.executor, EXECUTORS); check_range('workers', sw.workers, 1)
     _check_grid(sw); _check_names(sw)
     if sw.executor != 'local': submitit_options(sw.slurm, sw.workers)
@@ -217,9 +217,13 @@ def run_sweep(sw, # a `Sweep`, or the path of a grid file
               **overrides)->SweepReport: # with a path: read_grid's overrides (out=, workers=, executor=)
     "Execute every unfinished run of a sweep, then write results.csv and failures.csv into its folder."
     sw = sw if isinstance(sw, Sweep) else read_grid(sw, **overrides)
-    runs = expand(sw)
+    with RunLock(check_out_dir(sw.out, create=True)):          # one sweep per folder
+        return _run_sweep(sw)
+
+def _run_sweep(sw:Sweep)->SweepReport:
+    "The body of `run_sweep`, with the sweep folder held."
+    runs, out = expand(sw), Path(sw.out)
     todo = [r for r in runs if not is_done(r)]
-    out = Path(sw.out); out.mkdir(parents=True, exist_ok=True)
     errors = RUNNERS[sw.executor](sw, todo) if todo else {}
     failed = [{'run': r.id, 'notebook': str(r.dir / 'run.ipynb'), 'error': errors[r.id]} for r in todo if errors.get(r.id)]
     failures = pd.DataFrame(failed, columns=['run', 'notebook', 'error'])
