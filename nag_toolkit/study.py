@@ -13,8 +13,8 @@ from typing import Callable
 import torch, pandas as pd
 import matplotlib
 import matplotlib.pyplot as plt
-from tqdm.auto import tqdm
 from .core import ConfigError, check_choice, check_range, config_from_dict, sample_generators, randn_per_sample
+from .core import check_out_dir, RunLock, progress
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import sample_euler, sample_heun, sample_euler_maruyama, sample_dpmpp_2m, time_grid
@@ -276,7 +276,7 @@ def stage_evaluate(cfg:StudyConfig)->dict:
     forward = (lambda s: mixture_reference(gm, cfg.path, s)) if mix else (lambda s: dataset_reference(ds, cfg.path, s))
     refs = {'exact': _cached_reference(forward(cfg.seed + 3)), 'g': _cached_reference(forward(cfg.seed + 3)), 'floor': forward(cfg.seed + 9)}
     rows, shifts, boots, grids, post_g = [], [], [], {}, EstimatedPosterior(ctx.est)
-    for name, sampler, steps, n in tqdm(_jobs(cfg, list(methods)), desc='sweep'):
+    for name, sampler, steps, n in progress(_jobs(cfg, list(methods)), desc='sweep'):
         posts = _posteriors(name, sampler, mix, gm, cfg, post_g)
         r, s, b, x0 = one_run(cfg, methods[name], dens[name], sampler, steps, x1[:n], posts, refs, scorer)
         rows.append({**r, 'n_samples': n}); shifts.append(s); boots.append(b)
@@ -578,15 +578,17 @@ def _run_one(cfg:StudyConfig):
 def run_study(cfg:StudyConfig|dict)->Path:
     "Run the whole study into `cfg.out` (with `seeds` > 1: one study per seed in out/seed<s>/, pooled); returns summary.md."
     cfg = StudyConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))   # the notebooks run with the report folder as cwd
+    cfg = dataclasses.replace(cfg, out=str(check_out_dir(cfg.out).resolve()))   # the notebooks run with it as cwd
     out, t0 = Path(cfg.out), time.perf_counter()
     if cfg.models: return run_models(cfg)
-    out.mkdir(parents=True, exist_ok=True); (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
-    if cfg.seeds == 1: nbs = _run_one(cfg)
-    else:
-        subs = [dataclasses.replace(cfg, seed=cfg.seed + s, seeds=1, out=str(out / f'seed{cfg.seed + s}')) for s in range(cfg.seeds)]
-        nbs = all([_run_one(c) for c in subs]); pool_studies(cfg, [Path(c.out) for c in subs])
-    (out / 'timing.json').write_text(json.dumps({'seconds': time.perf_counter() - t0, 'notebooks': nbs}))
+    with RunLock(check_out_dir(out, create=True)):              # one study per folder
+        (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
+        if cfg.seeds == 1: nbs = _run_one(cfg)
+        else:
+            subs = [dataclasses.replace(cfg, seed=cfg.seed + s, seeds=1, out=str(out / f'seed{cfg.seed + s}'))
+                    for s in range(cfg.seeds)]
+            nbs = all([_run_one(c) for c in subs]); pool_studies(cfg, [Path(c.out) for c in subs])
+        (out / 'timing.json').write_text(json.dumps({'seconds': time.perf_counter() - t0, 'notebooks': nbs}))
     return out / 'summary.md'
 
 # %% ../nbs/15_study.ipynb #d331871c
