@@ -223,9 +223,10 @@ def _check_kills(seen:list):
     assert sum(code == -9 for code in random_codes) >= len(random_codes) // 2, seen
 
 def _log_rows(out:Path)->list:
-    "The rows of a run's metrics.csv, without the wall-clock column."
+    "The rows of a run's metrics.csv, without the wall-clock columns."
     import csv
-    with open(out / 'metrics.csv', newline='') as f: return [{k: v for k, v in r.items() if k != 'seconds'} for r in csv.DictReader(f)]
+    with open(out / 'metrics.csv', newline='') as f:
+        return [{k: v for k, v in r.items() if k not in ('seconds', 'data_wait')} for r in csv.DictReader(f)]
 
 def _checkpoint_tensors(out:Path)->dict:
     ck = load_checkpoint(out)
