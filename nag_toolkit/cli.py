@@ -91,6 +91,8 @@ def _findings_flags(p:argparse.ArgumentParser):
 def cmd_findings(args):
     "The headline findings of one or more studies as one Markdown list (what README.md shows)."
     from nag_toolkit.study import collect_findings
+    if args.out and Path(args.out).is_dir(): raise ConfigError(f"out={args.out!r} is a folder; allowed: a Markdown file to write")
+    if args.out: check_out_dir(Path(args.out).parent)   # a file whose folder cannot be written: one line, before any work
     md = collect_findings(args.studies)
     if args.out: Path(args.out).parent.mkdir(parents=True, exist_ok=True); Path(args.out).write_text(md); print(f"wrote {args.out}")
     else: print(md)

@@ -37,12 +37,18 @@ def _commands(tmp:Path, run:Path, out)->dict:
     return {'train': ['train', '--out', out, *TRAIN, '--steps', '2'],
             'sample': ['sample', '--checkpoint', run, '--out', out, '--num-samples', '2', '--steps', '2'],
             'study': ['study', '--quick', '--no-notebooks', '--out', out], 'sweep': ['sweep', grid, '--out', out],
-            'demo': ['demo', '--out', out], 'latents': ['latents', '--out', out], 'eval': ['eval', '--samples', tmp, '--out', out]}
+            'findings': ['findings', tmp, '--out', Path(out) / 'findings.md'], 'demo': ['demo', '--out', out], 'latents': ['latents', '--out', out], 'eval': ['eval', '--samples', tmp, '--out', out]}
 
 def test_every_subcommand_is_covered(run, tmp_path):
     assert set(_commands(tmp_path, run, tmp_path / 'x')) == set(COMMANDS)
 
 # ---- outputs that cannot be written
+
+def test_findings_refuses_a_file_path_through_a_file(tmp_path, capsys):
+    f = tmp_path / 'FILE'; f.write_text('x')
+    code, _, err = _cli(['findings', tmp_path, '--out', f / 'sub' / 'findings.md'], capsys)
+    assert (code, err) == (2, f"error: out={str(f / 'sub')!r} runs through {str(f)!r}, which is not a folder; "
+                              "allowed: a folder that can be created and written\n")
 
 @pytest.mark.parametrize('case', ['through a file', 'a file'])
 @pytest.mark.parametrize('cmd', ['train', 'sample', 'study', 'sweep', 'demo', 'latents', 'eval'])
@@ -77,7 +83,7 @@ def test_a_read_only_output_is_one_line_for_every_command(run, tmp_path):
     """A read-only bind mount in a private mount namespace: refused even for root, for the folder and below it."""
     ro = tmp_path / 'ro'; ro.mkdir()
     cases = {f'{cmd} {where}': [str(a) for a in argv] for where, out in (('in', ro / 'run'), ('at', ro))
-             for cmd, argv in _commands(tmp_path, run, out).items()}
+             for cmd, argv in _commands(tmp_path, run, out).items() if cmd != 'findings'}
     sh = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1" && exec "$2" -c "$3" "$4"'
     p = subprocess.run(['unshare', '-rm', 'sh', '-c', sh, 'sh', str(ro), sys.executable, RO_SCRIPT, json.dumps(cases)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
