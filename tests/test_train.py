@@ -225,3 +225,32 @@ def test_ddp_on_latent_shards_with_workers_matches_one_process(tmp_path):
     (m2, _, s2), (m1, _, s1) = _weights(tmp_path / 'ddp'), _weights(tmp_path / 'one')
     assert s1 == s2 == 6
     for k in m1: torch.testing.assert_close(m2[k], m1[k], rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize('source', ['folder', 'torchvision'])
+def test_ddp_on_images_trains_like_one_process(tmp_path, source):
+    """torchrun, 2 gloo processes, on an image folder and on a torchvision dataset (FakeData): both ranks train and
+    the weights land where one process's do, up to 5% of how far the two steps moved them (the digits U-Net's
+    rounding-noise steps, explained above, allow no element-wise 1e-5 bound)."""
+    opts = ([f'dataset_options.root={_png_folder(tmp_path / "imgs")}'] if source == 'folder'
+            else ['dataset_options.name=FakeData', 'dataset_options.image_size=8'])
+    args = ['train', '--dataset', source, *[a for o in opts for a in ('--set', o)], '--model', 'digits',
+            '--set', 'model_options.in_channels=3', '--set', 'model_options.channels=8', '--batch-size', '8',
+            '--steps', '2', '--device', 'cpu']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        '-m', 'nag_toolkit.cli', *args, '--out', str(tmp_path / 'ddp')],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from nag_toolkit.cli import main
+    main([*args, '--out', str(tmp_path / 'one')])
+    (m2, _, s2), (m1, _, s1) = _weights(tmp_path / 'ddp'), _weights(tmp_path / 'one')
+    assert s1 == s2 == 2
+    import yaml
+    cfg = {'dataset': source, 'dataset_options': {o.split('=')[0][len('dataset_options.'):]: yaml.safe_load(o.split('=')[1])
+                                                  for o in opts},
+           'model': 'digits', 'model_options': {'in_channels': 3, 'channels': 8}, 'out': str(tmp_path / 'init')}
+    m0 = T.setup(T.TrainConfig.from_dict(cfg))['model'].state_dict()
+    moved = sum((m1[k] - m0[k]).norm()**2 for k in m1).sqrt()        # how far two steps took the weights
+    gap = sum((m2[k] - m1[k]).norm()**2 for k in m1).sqrt()          # how far the two-process run is from one process
+    print(f'{source}: moved {moved:.3g}, gap {gap:.3g}')
+    assert gap < 0.05 * moved
