@@ -67,10 +67,12 @@ def test_cfg_plus_nag_is_the_composition_in_one_forward():
     f_c, f_y, f_t = net(x, t, y=y), net(x, t, y=y, null_y=on), net(x, t, y=y, null_t=on)
     net.calls, net.batches = 0, []
     g = GuidedDenoiser(den, w_cfg=1.5, w_nag=0.75)
-    out = g(x, t, y=y)
+    rec = g.denoise(x, t, y=y)
+    out = rec.x0
     assert net.calls == 1 and net.batches == [3 * len(x)]             # one batched forward for three branches
     torch.testing.assert_close(out, den.to_x0(f_c + 1.5 * (f_c - f_y) + 0.75 * (f_c - f_t), x, t), rtol=1e-6, atol=1e-6)
-    assert torch.equal(g.last_branches['cond'], f_c) and torch.equal(g.last_branches['null_t'], f_t)
+    assert torch.equal(rec.branches['cond'], f_c) and torch.equal(rec.branches['null_t'], f_t)
+    assert torch.equal(g(x, t, y=y), out)                              # calling the wrapper gives the record's x0
     # each guidance alone: two branches, one forward
     net.calls, net.batches = 0, []
     torch.testing.assert_close(GuidedDenoiser(den, w_cfg=2.0)(x, t, y=y), den.to_x0(nag_mix(f_c, f_y, 2.0), x, t), rtol=1e-6, atol=1e-6)

@@ -6,7 +6,7 @@ from nag_toolkit.core import ConfigError, sample_generators, randn_per_sample
 from nag_toolkit.interpolants import get_interpolant, respace
 from nag_toolkit.analytic import GaussianMixture
 from nag_toolkit.samplers import (time_grid, sde_grid, sample_euler, sample_heun, sample_ddpm, sample_ddim,
-                                  sample_euler_maruyama, sample_dpmpp_2m)
+                                  sample_euler_maruyama, sample_dpmpp_2m, sample_ode, Denoised)
 
 def _ring():
     "Eight Gaussians (std 0.2) on a circle of radius 2, weights proportional to 1..8."
@@ -149,8 +149,9 @@ def test_generators_must_match_the_batch():
 
 def test_bad_options_are_one_line_errors():
     x = torch.zeros(2, 2)
-    with pytest.raises(ConfigError, match="variance='learned'"): sample_ddpm(_elementwise, x, variance='learned')
-    with pytest.raises(ConfigError, match="last_step='euler'"): sample_euler_maruyama(_elementwise, x, time_grid(3), last_step='euler')
+    with pytest.raises(ConfigError, match="variance='learned' needs a network with learned sigma"): sample_ddpm(_elementwise, x, variance='learned')
+    with pytest.raises(ConfigError, match="variance='small'"): sample_ddpm(_elementwise, x, variance='small')
+    with pytest.raises(ConfigError, match="last_step='heun'"): sample_euler_maruyama(_elementwise, x, time_grid(3), last_step='heun')
     with pytest.raises(ConfigError, match='eta=-1'): sample_ddim(_elementwise, x, time_grid(3), eta=-1)
     with pytest.raises(ConfigError, match='needs a discrete path'): sample_ddpm(_elementwise, x, path='linear')
 
@@ -173,11 +174,9 @@ def test_euler_maruyama_last_steps():
     assert not torch.equal(one(0, None), one(1, None))
 
 class _WithBranches:
-    "A denoiser that exposes its branch outputs, as guidance wrappers do."
-    last_branches = None
+    "A denoiser that returns its branch outputs in its record, as guidance wrappers do (per-sample t: a plain callable)."
     def __call__(self, x, t):
-        self.last_branches = {'cond': x * 0 + t[:, None]}
-        return x * 0.5
+        return Denoised(x * 0.5, branches={'cond': x * 0 + t[:, None]})
 
 ALL = [(sample_euler, 'linear', {}), (sample_heun, 'linear', {}), (sample_dpmpp_2m, 'linear', {}), (sample_ddim, 'linear', {}),
        (sample_ddpm, 'ddpm', {'generators': sample_generators(0, range(3))}),
