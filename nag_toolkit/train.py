@@ -17,9 +17,10 @@ from .models import build_model, load_pretrained
 from .checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint
 
 # %% auto #0
-__all__ = ['RESUME_FREE', 'TrainConfig', 'from_dict', 'resolve', 'draw_batch', 'batch_loss', 'StepBatches', 'batch_loader',
-           'pick_device', 'init_distributed', 'ema_update', 'setup', 'TrainingDiverged', 'train_step', 'StopFlag',
-           'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained', 'import_pretrained', 'training_report']
+__all__ = ['RESUME_FREE', 'TrainConfig', 'from_dict', 'resolve', 'draw_batch', 'batch_loss', 'dit_vb_bits', 'StepBatches',
+           'batch_loader', 'pick_device', 'init_distributed', 'ema_update', 'setup', 'TrainingDiverged', 'train_step',
+           'StopFlag', 'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained', 'import_pretrained',
+           'training_report']
 
 # %% ../nbs/09_train.ipynb #23bd28aa
 @dataclass
@@ -86,7 +87,7 @@ def draw_batch(ds, step:int, cfg:TrainConfig, rank:int=0, world:int=1)->dict:
     g = torch.Generator().manual_seed(sample_seed(cfg.seed, step))
     B = cfg.batch_size
     idx = torch.randint(len(ds), (B,), generator=g)
-    t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(B, generator=g)
+    t = _draw_times(cfg, B, g)
     eps = torch.randn((B, *ds.shape), generator=g)
     xi = torch.randn((B, *ds.shape), generator=g) if cfg.ip_gamma > 0 else None
     null_t = torch.rand(B, generator=g) < cfg.p_drop          # noise-condition dropout
@@ -98,15 +99,62 @@ def draw_batch(ds, step:int, cfg:TrainConfig, rank:int=0, world:int=1)->dict:
     return {'x0': x0, 'y': y, 't': t[rows], 'eps': eps[rows], 'xi': None if xi is None else xi[rows],
             'null_t': null_t[rows], 'null_y': null_y[rows]}
 
+def _draw_times(cfg:TrainConfig, B:int, g)->torch.Tensor:
+    "Training times: uniform in [t_min, t_max]; on a discrete path DiT's integer steps k (t = (k + 1) / T) in that range."
+    sched = get_interpolant(cfg.path).schedule
+    if sched is None: return cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(B, generator=g)
+    lo, hi = math.ceil(cfg.t_min * sched.T - 1 - 1e-9), math.floor(cfg.t_max * sched.T - 1 + 1e-9)
+    return sched.step_to_t(torch.randint(max(lo, 0), hi + 1, (B,), generator=g)).float()
+
 def batch_loss(model, batch:dict, path, pred:str, ip_gamma:float=0.0):
-    "Per-row MSE between the model's prediction of kind `pred` and its target, through the path's conversions."
+    "Per-row loss: MSE of the prediction of kind `pred`, plus DiT's VB term for a learned-sigma network on a discrete path."
     x0, eps, t = batch['x0'], batch['eps'], batch['t']
     noise_in = eps + ip_gamma * batch['xi'] if batch.get('xi') is not None else eps
     xt = path.add_noise(x0, t, noise_in)
     target = path.from_x0_eps(x0, eps, path.add_noise(x0, t, eps), t, pred)
-    out = model(xt, t, batch['y'], null_t=batch['null_t'], null_y=batch['null_y'])
-    out = out[:, :x0.shape[1]] if out.shape != x0.shape else out   # learn_sigma: the first C channels
-    return (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    out = model(xt, t, batch['y'], null_t=batch['null_t'], null_y=batch['null_y']).float()
+    c = x0.shape[1]
+    mse = (out[:, :c] - target.float()).pow(2).flatten(1).mean(1)   # learn_sigma: the first C channels
+    if out.shape[1] != 2 * c or path.schedule is None: return mse
+    eps_hat = path.to_x0_eps(out[:, :c].detach(), xt.float(), t, pred)[1]     # the mean is frozen for the VB term
+    return mse + dit_vb_bits(path.schedule, x0.float(), xt.float(), path.schedule.t_to_step(t), eps_hat, out[:, c:])
+
+# %% ../nbs/09_train.ipynb #24228085
+def _dit_tables(sched, device)->dict:
+    "DiT's per-step tables of the full process (float64, then float32 as DiT extracts them) on `device`, made once."
+    cache = sched.__dict__.setdefault('_dit_tables', {})
+    if device not in cache:
+        b, ab = sched.betas, sched.abar
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        pv = b * (1 - prev) / (1 - ab)                                               # posterior variance beta_tilde
+        tab = {'c1': b * prev.sqrt() / (1 - ab), 'c2': (1 - prev) * (1 - b).sqrt() / (1 - ab), 'log_beta': b.log(),
+               'log_pv': torch.cat([pv[1:2], pv[1:]]).log(), 'a': ab.sqrt(), 's': (1 - ab).sqrt()}  # log_pv clipped, as DiT
+        cache[device] = {k: v.float().to(device) for k, v in tab.items()}
+    return cache[device]
+
+def _normal_cdf_approx(x): return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+def _decoder_nll(x0, mean, log_scale):
+    "DiT's discretized Gaussian decoder NLL (nats) of data in [-1, 1] with bins of 2/255."
+    inv = torch.exp(-log_scale)
+    cdf_plus, cdf_min = _normal_cdf_approx(inv * (x0 - mean + 1 / 255)), _normal_cdf_approx(inv * (x0 - mean - 1 / 255))
+    lp = torch.where(x0 < -0.999, cdf_plus.clamp(min=1e-12).log(), torch.where(
+        x0 > 0.999, (1 - cdf_min).clamp(min=1e-12).log(), (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    return -lp
+
+def dit_vb_bits(sched, # the discrete schedule (`get_interpolant('ddpm').schedule`)
+                x0, xt, k, # data, state and integer step per row
+                eps_hat, # the predicted noise (detach it to train only the variance, as DiT does)
+                var_values): # the network's variance outputs v
+    "DiT's variational-bound term per row in bits: KL of the step's posterior for k > 0, the decoder NLL at k = 0."
+    tab, col = _dit_tables(sched, x0.device), lambda v: v[k].reshape(-1, *([1] * (x0.ndim - 1)))
+    x0_hat = (xt - col(tab['s']) * eps_hat) / col(tab['a'])
+    true_mean, mean = col(tab['c1']) * x0 + col(tab['c2']) * xt, col(tab['c1']) * x0_hat + col(tab['c2']) * xt
+    frac = (var_values + 1) / 2
+    log_var, log_pv = frac * col(tab['log_beta']) + (1 - frac) * col(tab['log_pv']), col(tab['log_pv'])
+    kl = 0.5 * (-1 + log_var - log_pv + torch.exp(log_pv - log_var) + (true_mean - mean).pow(2) * torch.exp(-log_var))
+    per = torch.where(k.reshape(-1, *([1] * (x0.ndim - 1))) == 0, _decoder_nll(x0, mean, 0.5 * log_var), kl)
+    return per.flatten(1).mean(1) / math.log(2.0)
 
 # %% ../nbs/09_train.ipynb #8c89eaa8
 class StepBatches(Dataset):
