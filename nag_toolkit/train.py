@@ -18,9 +18,9 @@ from .checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint
 
 # %% auto #0
 __all__ = ['RESUME_FREE', 'TrainConfig', 'from_dict', 'resolve', 'draw_batch', 'batch_loss', 'dit_vb_bits', 'StepBatches',
-           'batch_loader', 'pick_device', 'init_distributed', 'ema_update', 'setup', 'TrainingDiverged', 'train_step',
-           'StopFlag', 'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained', 'import_pretrained',
-           'training_report']
+           'batch_loader', 'pick_device', 'init_distributed', 'null_t_steps', 'ema_update', 'setup', 'TrainingDiverged',
+           'train_step', 'StopFlag', 'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained',
+           'import_pretrained', 'training_report']
 
 # %% ../nbs/09_train.ipynb #23bd28aa
 @dataclass
@@ -211,11 +211,17 @@ def _model_options(cfg, ds)->dict:
     opts.setdefault('num_classes', ds.num_classes if ds.meta.get('conditional', cfg.model != 'mlp') else 0)
     return opts
 
-def _finetune_init(model, cfg):
-    "Load fine-tuning weights: a nag_toolkit checkpoint (its EMA) or an official DiT/SiT file."
+def _finetune_init(model, cfg)->int:
+    "Load fine-tuning weights (a nag_toolkit checkpoint's EMA, or an official DiT/SiT file); returns their null-t steps."
     src = Path(cfg.finetune_from)
-    if src.is_dir(): model.load_state_dict((ck := load_checkpoint(src))['ema'] or ck['model'])
-    else: load_pretrained(src, model=model)
+    if not src.is_dir(): load_pretrained(src, model=model); return 0       # official weights: no null-t token
+    model.load_state_dict((ck := load_checkpoint(src))['ema'] or ck['model'])
+    return null_t_steps(ck['state'])
+
+def null_t_steps(state:dict)->int:
+    "Optimizer steps trained with noise-condition dropout, from a checkpoint's JSON state (older runs: from their config)."
+    if 'null_t_steps' in state: return int(state['null_t_steps'])
+    return int(state.get('step', 0)) if (state.get('config', {}).get('p_drop') or 0) > 0 else 0
 
 # %% ../nbs/09_train.ipynb #fabf93e8
 @torch.no_grad()
@@ -238,11 +244,12 @@ def setup(cfg:TrainConfig, held:contextlib.ExitStack|None=None)->dict:
     model = build_model(cfg.model, **_model_options(cfg, ds))
     _check_fit(model, ds, cfg)
     pred = check_choice('pred', cfg.pred or model.pred, PRED_KINDS)
-    if cfg.finetune_from: _finetune_init(model, cfg)
+    trained_null_t = _finetune_init(model, cfg) if cfg.finetune_from else 0
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     run = {'cfg': cfg, 'device': device, 'rank': rank, 'world': world, 'ds': ds, 'model': model, 'ema': ema,
-           'opt': opt, 'pred': pred, 'path': get_interpolant(cfg.path), 'step': 0, 'skipped': 0}
+           'opt': opt, 'pred': pred, 'path': get_interpolant(cfg.path), 'step': 0, 'skipped': 0,
+           'null_t_steps': trained_null_t}
     if held is not None: _take_folder(run, held)      # every option checked: now make the folder and lock it
     _maybe_resume(run)
     model.to(device); ema.to(device)
@@ -265,6 +272,7 @@ def _resume_from(run:dict, ck:dict):
     run['model'].load_state_dict(ck['model']); run['ema'].load_state_dict(ck['ema'])
     run['opt'].load_state_dict(ck['optimizer'])
     run['step'], run['skipped'] = ck['state']['step'], ck['state'].get('skipped', 0)
+    run['null_t_steps'] = null_t_steps(ck['state'])
 
 def _take_folder(run:dict, held:contextlib.ExitStack):
     "Rank 0 makes the run folder and holds its lock; every process raises the same one-line error if it cannot."
@@ -282,6 +290,7 @@ def _trim_log(f:Path, step:int):
     if not lines or not lines[0].endswith('\n'): f.unlink(); return                  # not even a whole header
     keep = lines[:1] + [l for l in lines[1:] if l.endswith('\n') and l.split(',', 1)[0].isdigit() and int(l.split(',', 1)[0]) <= step]
     if keep != lines: f.with_name(f.name + '.tmp').write_text(''.join(keep)); os.replace(f.with_name(f.name + '.tmp'), f)
+
 
 # %% ../nbs/09_train.ipynb #070945d5
 class TrainingDiverged(RuntimeError):
@@ -334,7 +343,8 @@ def _checkpoint(run:dict):
     cfg = run['cfg']
     if run['rank'] == 0:
         save_checkpoint(cfg.out, run['step'], run['model'], run['ema'], run['opt'], keep=cfg.keep_checkpoints,
-                        state={'config': asdict(cfg), 'skipped': run['skipped'], 'pred': run['pred'], 'model_config': run['model'].config})
+                        state={'config': asdict(cfg), 'skipped': run['skipped'], 'pred': run['pred'], 'model_config': run['model'].config,
+                               'null_t_steps': run['null_t_steps']})   # steps that trained the null-t token (NAG's guard)
     if run['world'] > 1: dist.barrier()
 
 def _log(run:dict, row:dict):
@@ -380,6 +390,7 @@ def _train(run:dict)->dict:
             wait = time.perf_counter() - t0                    # time spent waiting for this batch
             m = train_step(run, net, _to(batch, run['device']))
             run['step'] += 1; bar.update(1)
+            run['null_t_steps'] += int(cfg.p_drop > 0 and not m['skipped'])
             if run['rank'] == 0 and (run['step'] % cfg.log_every == 0 or run['step'] == cfg.steps):
                 _log(run, {'step': run['step'], **m, 'lr': cfg.lr, 'seconds': time.perf_counter() - t0,
                            'data_wait': wait})
@@ -429,6 +440,7 @@ def load_trained(path, # a run folder or one checkpoint folder
     ck = load_checkpoint(path)
     model = build_model(**ck['state']['model_config'])
     model.load_state_dict(ck[check_choice('which', which, ('ema', 'model'))] or ck['model'])
+    model.null_t_steps = null_t_steps(ck['state'])                      # 0: NAG through the null-t token is refused
     return model.to(device).eval(), ck['state']
 
 def import_pretrained(weights, # an official DiT/SiT weights file (.pt read with weights_only=True, or .safetensors)
@@ -440,7 +452,8 @@ def import_pretrained(weights, # an official DiT/SiT weights file (.pt read with
              load_pretrained(weights, t_embed=model_options.get('t_embed'))).model
     cfg = TrainConfig(dataset='latents', model=model.config['name'], model_options={k: v for k, v in model.config.items() if k != 'name'},
                       path=check_choice('path', path, INTERPOLANTS), out=str(out), finetune_from=str(weights))
-    return save_checkpoint(out, 0, model, model, None, state={'config': asdict(cfg), 'skipped': 0, 'pred': model.pred, 'model_config': model.config})
+    state = {'config': asdict(cfg), 'skipped': 0, 'pred': model.pred, 'model_config': model.config, 'null_t_steps': 0}
+    return save_checkpoint(out, 0, model, model, None, state=state)
 
 def training_report(out, t_bins:int=10, n_per_bin:int=256)->dict:
     "Loss curve (PNG) and, on a mixture, the per-t-bin oracle gaps (CSV, PNG) of the run in `out`."

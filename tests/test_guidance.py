@@ -236,3 +236,21 @@ def test_guided_step_reads_nothing_back_from_the_device_without_an_interval(monk
     def refuse(*a): raise AssertionError('a tensor was read back to the host')
     for name in ('__bool__', 'item', '__float__', '__int__'): monkeypatch.setattr(torch.Tensor, name, refuse)
     with torch.no_grad(): g(x, t, y=y)
+
+@torch.no_grad()
+def test_variance_values_reach_the_record_and_come_from_the_conditional_branch():
+    """A learned-sigma network's extra channels come back as `var_values`; under CFG + NAG they are the conditional
+    branch's (as in DiT's forward_with_cfg), not a mix, and DDPM's learned variance uses them."""
+    from nag_toolkit.samplers import sample_ddpm
+    net, (x, t, y) = FakeNet(pred='eps'), _batch()
+    sigma_net = lambda x, t, **k: torch.cat([net(x, t, **k), 0.5 * net(x, t, **k)], 1)   # v differs per branch
+    sigma_net.pred, sigma_net.pred_channels = 'eps', 4
+    cond = Denoiser(sigma_net, 'ddpm').denoise(x, t, y=y)
+    torch.testing.assert_close(cond.var_values, 0.5 * net(x, t, y=y))
+    guided = GuidedDenoiser(Denoiser(sigma_net, 'ddpm'), w_cfg=1.0, w_nag=0.5).denoise(x, t, y=y)
+    torch.testing.assert_close(guided.var_values, cond.var_values)
+    assert not torch.allclose(guided.x0, cond.x0)
+    ts = time_grid(5, 'ddpm')
+    torch.manual_seed(0); a = sample_ddpm(Denoiser(sigma_net, 'ddpm'), x, ts, extra_args={'y': y}, variance='learned')
+    torch.manual_seed(0); b = sample_ddpm(Denoiser(sigma_net, 'ddpm'), x, ts, extra_args={'y': y}, variance='beta_tilde')
+    assert torch.isfinite(a).all() and not torch.allclose(a, b)
