@@ -150,12 +150,14 @@ def cell_centres(n:int)->torch.Tensor:
     return (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
 def run_sampler(sampler:str, den, x1, steps:int, path, seed:int=0, extra_args=None, callback=None):
-    "Sample from `x1` (at t = 1) with a sampler of the registry `SAMPLERS` on a uniform grid; stochastic ones draw per-sample noise from `seed`."
-    gens = sample_generators(seed + 1, range(len(x1))) if SAMPLERS[check_choice('sampler', sampler, SAMPLERS)].stochastic else None
-    return _run_registered(sampler, den, x1, time_grid(steps), path, extra_args=extra_args, callback=callback, generators=gens)
+    "Sample from `x1` (at t = 1) with a registered sampler on a uniform grid; stochastic ones draw noise from `seed`."
+    stochastic = SAMPLERS[check_choice('sampler', sampler, SAMPLERS)].stochastic
+    gens = sample_generators(seed + 1, range(len(x1))) if stochastic else None
+    return _run_registered(sampler, den, x1, time_grid(steps), path, extra_args=extra_args, callback=callback,
+                           generators=gens)
 
 def start_states(gm:GaussianMixture, n:int, path, seed:int=0)->torch.Tensor:
-    "Starting states at t = 1 by the samplers' rule (`start_state`), with one generator per sample (seeded by `(seed, i)`)."
+    "Starting states at t = 1 by the samplers' rule (`start_state`), one generator per sample (seeded by `(seed, i)`)."
     return start_state(randn_per_sample((gm.D,), sample_generators(seed, range(n))), path, 1.0)
 
 # %% ../nbs/18_explorers.ipynb #f5d22249

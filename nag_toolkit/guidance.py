@@ -129,8 +129,9 @@ class GuidedDenoiser:
                  cfg_channels:int|None=None): # apply CFG to the first `cfg_channels` channels only (DiT/SiT: 3)
         if not isinstance(denoiser, Denoiser): raise ConfigError("denoiser must be a Denoiser (wrap the network with Denoiser(model, path))")
         if w_nag != 0 and getattr(denoiser.model, 'null_t_steps', None) == 0: raise ConfigError(
-            f"w_nag={w_nag} needs a trained null-t token, and this network's was never trained (official DiT/SiT weights have "
-            "none); allowed: w_nag=0, or fine-tune first with noise-condition dropout (train with finetune_from, p_drop 0.2, lr 1e-5)")
+            f"w_nag={w_nag} needs a trained null-t token, and this network's was never trained (official DiT/SiT "
+            "weights have none); allowed: w_nag=0, or fine-tune first with noise-condition dropout "
+            "(train with finetune_from, p_drop 0.2, lr 1e-5)")
         self.den, self.w_cfg, self.w_nag, self.interval, self.cfg_channels = denoiser, w_cfg, w_nag, interval, cfg_channels
 
     def branches(self, on, whole=None):
@@ -144,7 +145,7 @@ class GuidedDenoiser:
 
 # %% ../nbs/06_guidance.ipynb #56bd9fef
 def _forward(self:GuidedDenoiser, x, t, names, extra):
-    "Native outputs of the named branches from ONE forward of the repeated batch, {name: [N, ...]}, and the cond variance."
+    "Native outputs of the named branches from ONE forward of the repeated batch, {name: [N, ...]}; the cond variance."
     if names == ['cond']:
         out, var = self.den.outputs(x, t, **extra)
         return {'cond': out}, var
@@ -176,11 +177,13 @@ def _denoise(self:GuidedDenoiser, x, t, **extra)->Denoised:
     if 'null_y' in out: mixed = mixed + self.w_cfg * _keep_channels(cond - out['null_y'], self.cfg_channels)
     if 'null_t' in out: mixed = mixed + self.w_nag * (cond - out['null_t'])
     if len(out) > 1 and on is not None: mixed = torch.where(_col(on, x), mixed, cond)
-    return Denoised(self.den.to_x0(mixed, x, t), native=mixed, pred=self.den.pred, var_values=var, branches={**out, 'guided': mixed})
+    return Denoised(self.den.to_x0(mixed, x, t), native=mixed, pred=self.den.pred, var_values=var,
+                    branches={**out, 'guided': mixed})
 
 def _call(self, x, t, **extra): return self.denoise(x, t, **extra).x0
 
-GuidedDenoiser._forward, GuidedDenoiser._branch_mask, GuidedDenoiser.denoise, GuidedDenoiser.__call__ = _forward, _branch_mask, _denoise, _call
+GuidedDenoiser._forward, GuidedDenoiser._branch_mask = _forward, _branch_mask
+GuidedDenoiser.denoise, GuidedDenoiser.__call__ = _denoise, _call
 
 # %% ../nbs/06_guidance.ipynb #1f59887e
 def interp_log_posterior(log_p, # log-probabilities over the grid, [N, G]
@@ -303,7 +306,8 @@ class Autoguidance:
         f_good, var = self.good.outputs(x, t, **extra)
         on = None if whole is not None else in_interval(t, self.interval)
         rec = lambda f, b: Denoised(self.good.to_x0(f, x, t), native=f, pred=self.good.pred, var_values=var, branches=b)
-        if self.w == 0 or whole is False or (on is not None and not bool(on.any())): return rec(f_good, {'good': f_good})
+        if self.w == 0 or whole is False or (on is not None and not bool(on.any())):
+            return rec(f_good, {'good': f_good})
         f_weak = self.weak.path.convert(self.weak.native(x, t, **extra), x, t, self.weak.pred, self.good.pred)
         mixed = f_good + self.w * (f_good - f_weak)
         if on is not None: mixed = torch.where(_col(on, x), mixed, f_good)

@@ -146,7 +146,7 @@ def diffusion_coef(self:Interpolant, t, form:str='sigma', norm:float=1.0):
     form = check_choice('diffusion_form', form, DIFFUSION_FORMS)
     t = torch.as_tensor(t, dtype=torch.get_default_dtype()) if not torch.is_tensor(t) else t
     a, s, da, ds = self.coefs(t)
-    if form == 'sbdm': return norm * s * (ds - da / a * s)       # g^2 / 2, g^2 = d(sigma^2)/dt - 2 (alpha'/alpha) sigma^2
+    if form == 'sbdm': return norm * s * (ds - da / a * s)   # g^2 / 2; g^2 = d(sigma^2)/dt - 2 (alpha'/alpha) sigma^2
     return {'constant': lambda: norm * torch.ones_like(s), 'sigma': lambda: norm * s, 'linear': lambda: norm * t,
             'decreasing': lambda: 0.25 * (1 - norm * torch.cos(math.pi * t))**2,
             'increasing-decreasing': lambda: norm * torch.sin(math.pi * t)**2}[form]()

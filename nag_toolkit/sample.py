@@ -90,7 +90,8 @@ def sampling_grid(cfg:SampleConfig, path, pred:str)->torch.Tensor:
     no_x0 = pred in ('eps', 'score') and float(path.alpha(torch.tensor(1.0, dtype=torch.float64))) == 0
     t_max = cfg.t_max if cfg.t_max is not None else (0.999 if no_x0 else 1.0)
     kind = cfg.grid
-    if kind == 'auto': kind = 'ddpm' if path.schedule is not None else ('sde' if SAMPLERS[cfg.sampler].grid == 'sde' else 'uniform')
+    natural = SAMPLERS[cfg.sampler].grid                                 # 'uniform', 'ddpm' or 'sde'
+    if kind == 'auto': kind = 'ddpm' if path.schedule is not None else ('sde' if natural == 'sde' else 'uniform')
     if kind == 'sde': return sde_grid(cfg.steps, t_max=t_max)
     return time_grid(cfg.steps, kind, t_max=t_max, path=path)
 
@@ -133,14 +134,16 @@ def load_job(cfg:SampleConfig)->dict:
         from nag_toolkit.data import _load_vae
         vae = _load_vae(cfg.vae, device)
     meta = {'config': {**asdict(cfg), 'checkpoint': str(Path(cfg.checkpoint).resolve())}, 'checkpoint_step': state['step'],
-            'path': path.name, 'pred': pred, 'shape': list(shape), 'kind': kind, 'num_classes': model.num_classes, 'layout': LAYOUTS[kind],
-            'sampler_options': opts, 'null_t_steps': getattr(model, 'null_t_steps', None)}
-    return {'cfg': cfg, 'device': device, 'model': model, 'denoiser': _denoiser(cfg, model, path, pred), 'path': path, 'ts': ts,
-            'sampler_options': opts, 'shape': shape, 'kind': kind, 'num_classes': model.num_classes, 'vae': vae, 'meta': meta}
+            'path': path.name, 'pred': pred, 'shape': list(shape), 'kind': kind, 'num_classes': model.num_classes,
+            'layout': LAYOUTS[kind], 'sampler_options': opts, 'null_t_steps': getattr(model, 'null_t_steps', None)}
+    return {'cfg': cfg, 'device': device, 'model': model, 'denoiser': _denoiser(cfg, model, path, pred), 'path': path,
+            'ts': ts, 'sampler_options': opts, 'shape': shape, 'kind': kind, 'num_classes': model.num_classes,
+            'vae': vae, 'meta': meta}
 
 def _sampler_defaults(cfg:SampleConfig, model)->dict:
     "The sampler's options: the config's, with DiT's learned variance for `ddpm` on a network with learned sigma."
-    if cfg.sampler == 'ddpm' and getattr(model, 'learn_sigma', False): return {'variance': 'learned', **cfg.sampler_options}
+    learned = cfg.sampler == 'ddpm' and getattr(model, 'learn_sigma', False)
+    return {'variance': 'learned', **cfg.sampler_options} if learned else dict(cfg.sampler_options)
     return dict(cfg.sampler_options)
 
 # %% ../nbs/16_sample.ipynb #a5981ce2
@@ -152,8 +155,9 @@ def draw_samples(job:dict, indices)->tuple:
     y = torch.cat([torch.randint(max(nc, 1), (1,), generator=g) for g in gens])           # 1. the label
     if cfg.label != 'random': y = torch.full_like(y, int(cfg.label))
     x = start_state(randn_per_sample(job['shape'], gens), job['path'], float(job['ts'][0]))  # 2. the starting noise
-    out = run_sampler(cfg.sampler, job['denoiser'], x.to(dev), job['ts'], job['path'], extra_args={'y': y.to(dev)} if nc else {},
-                      generators=gens, **job['sampler_options'])                          # 3. the steps' noise, per sample
+    extra = {'y': y.to(dev)} if nc else {}
+    out = run_sampler(cfg.sampler, job['denoiser'], x.to(dev), job['ts'], job['path'], extra_args=extra,
+                      generators=gens, **job['sampler_options'])                # 3. the steps' noise, per sample
     if job['vae'] is not None: out = decode_latents(out, job['vae'], cfg.vae_scale)
     return out.float().cpu(), (y if nc else torch.full_like(y, -1))
 

@@ -52,9 +52,10 @@ class Denoised:
     branches: dict | None = None             # guidance wrappers: each branch's output, for callbacks
 
 def call_denoiser(denoiser, x, t, extra_args:dict|None=None)->Denoised:
-    "One call through the protocol: `denoiser.denoise(x, t, ...)` where it exists (t may be a host number), else `denoiser(x, t[N], ...)`."
+    "One call: `denoiser.denoise(x, t, ...)` where it exists (t may be a host number), else `denoiser(x, t[N], ...)`."
     extra_args = extra_args or {}
-    out = denoiser.denoise(x, t, **extra_args) if hasattr(denoiser, 'denoise') else denoiser(x, as_t(t, x), **extra_args)
+    if hasattr(denoiser, 'denoise'): out = denoiser.denoise(x, t, **extra_args)
+    else: out = denoiser(x, as_t(t, x), **extra_args)
     return out if isinstance(out, Denoised) else Denoised(out)
 
 def _info(d:Denoised)->dict:
@@ -139,9 +140,9 @@ def _posterior(path, t, s):
 DDPM_VARIANCES = ('beta_tilde', 'beta', 'learned')
 
 def _learned_std(d:Denoised, log_lo:float, log_hi:float)->torch.Tensor:
-    "DiT's LEARNED_RANGE std `exp((frac log_hi + (1 - frac) log_lo) / 2)`, `frac = (v + 1) / 2` from the variance values."
-    if d.var_values is None:
-        raise ConfigError("variance='learned' needs a network with learned sigma (a DiT with learn_sigma=True); allowed: 'beta_tilde', 'beta'")
+    "DiT's LEARNED_RANGE std `exp((frac log_hi + (1 - frac) log_lo) / 2)`, `frac = (v + 1) / 2` (v: variance values)."
+    if d.var_values is None: raise ConfigError("variance='learned' needs a network with learned sigma (a DiT with "
+                                               "learn_sigma=True); allowed: 'beta_tilde', 'beta'")
     frac = (d.var_values + 1) / 2
     return torch.exp(0.5 * (frac * log_hi + (1 - frac) * log_lo))
 
@@ -160,14 +161,14 @@ def sample_ddpm(denoiser, # callable (x, t, **extra_args) -> x0_hat, or a `denoi
     ts64 = torch.as_tensor(ts, dtype=torch.float64).cpu()
     c_x, c_0, small, large = _posterior(path, ts64[:-1], ts64[1:])                # every step's coefficients at once
     on = (ts64[1:] > 0).tolist()                                                  # noise masked off on a step to t = 0
-    clipped = torch.cat([small[:-1], small[-2:-1] if len(small) > 1 else small[-1:]])   # DiT's clipped log variance
-    lo, hi = torch.log(clipped).tolist(), torch.log(large).tolist()
+    last = small[-2:-1] if len(small) > 1 and small[-1] <= 0 else small[-1:]   # DiT's clipping of a zero last entry
+    lo, hi = torch.log(torch.cat([small[:-1], last])).tolist(), torch.log(large).tolist()
     std = (small if variance == 'beta_tilde' else large).clamp(min=0).sqrt().tolist()
-    c_x, c_0 = c_x.tolist(), c_0.tolist()                                         # plain floats: no tensor work per step
+    c_x, c_0 = c_x.tolist(), c_0.tolist()                                # plain floats: no tensor work per step
     noise = _noise_stream(x, generators)
     for i in range(len(ts) - 1):
         d = call_denoiser(denoiser, x, ts[i], extra_args)
-        x, z = torch.add(d.x0 * c_0[i], x, alpha=c_x[i]), noise()                # posterior mean; noise drawn every step
+        x, z = torch.add(d.x0 * c_0[i], x, alpha=c_x[i]), noise()       # posterior mean; noise drawn every step
         if on[i]: x = x + _learned_std(d, lo[i], hi[i]) * z if variance == 'learned' else x.add_(z, alpha=std[i])
         if callback: callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **_info(d)})
     return x
@@ -204,13 +205,13 @@ def _sde_step(d:Denoised, x, t, h:float, D:float, z, path, last:str|None):
     _, s, da, ds = path.coefs_like(t, x)
     v = d.native if d.pred == 'v' and d.native is not None else da * x0 + ds * eps
     if last == 'euler': return x + h * v                                         # the ODE's step
-    x = x + h * (v + D * eps / s)                                                # drift v - D score, score = -eps / sigma
+    x = x + h * (v + D * eps / s)                                       # drift v - D score, score = -eps / sigma
     return x if last == 'mean' else x + math.sqrt(2 * D * abs(h)) * z            # noise sqrt(2 D |h|) z
 
 @torch.no_grad()
 def sample_euler_maruyama(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_args:dict|None=None, callback=None,
                           generators:list|None=None, # one torch.Generator per sample
-                          diffusion_form:str='sigma', # SiT's D(t): 'sigma', 'constant', 'sbdm', 'linear', 'decreasing', ...
+                          diffusion_form:str='sigma', # SiT's D(t): 'sigma', 'constant', 'sbdm', 'linear', ...
                           diffusion_norm:float=1.0, # SiT's `norm` of D(t)
                           last_step:str|None='mean'): # 'mean', 'euler', 'tweedie' or None (see above)
     "Euler-Maruyama on SiT's reverse SDE `dx = [v - D score] dt + sqrt(2 D) dW` (SiT's `sample_sde` on `sde_grid`)."
@@ -249,10 +250,10 @@ def sample_dpmpp_2m(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', ex
 # %% ../nbs/04_samplers.ipynb #5b4ef56c
 @torch.no_grad()
 def sample_ode(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_args:dict|None=None, callback=None,
-               method:str='dopri5', # a torchdiffeq method: 'dopri5' (SiT's default), 'dopri8', 'bosh3', 'euler', 'rk4', ...
+               method:str='dopri5', # a torchdiffeq method: 'dopri5' (SiT's default), 'bosh3', 'euler', 'rk4', ...
                atol:float=1e-6, # absolute tolerance (SiT's default)
                rtol:float=1e-3): # relative tolerance (SiT's default)
-    "The probability-flow ODE solved by torchdiffeq's `odeint` in SiT's time (SiT's `sample_ode`); callbacks carry `nfe`."
+    "The probability-flow ODE solved by torchdiffeq's `odeint` in SiT's time (SiT's `sample_ode`); callbacks get `nfe`."
     from torchdiffeq import odeint
     path, extra_args, nfe = get_interpolant(path), extra_args or {}, [0]
     def f(tp, y):                                                                # dx/dt' = -v(x, 1 - t')
@@ -261,7 +262,9 @@ def sample_ode(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_a
     tp = (1 - torch.as_tensor(ts, dtype=torch.float64)).to(x.dtype).to(x.device)
     try: xs = odeint(f, x, tp, method=method, atol=atol, rtol=rtol)
     except (ValueError, KeyError) as e:
-        if method in str(e): raise ConfigError(f"method={method!r} is not a torchdiffeq method; allowed: dopri5, dopri8, bosh3, euler, rk4, ...") from None
+        if method not in str(e): raise
+        raise ConfigError(f"method={method!r} is not a torchdiffeq method; allowed: dopri5, bosh3, euler, ...") \
+            from None
         raise
     for i in range(len(ts) - 1):
         if callback: callback({'x': xs[i + 1], 'i': i, 't': ts[i], 't_next': ts[i + 1], 'nfe': nfe[0]})
@@ -277,13 +280,15 @@ class SamplerSpec(NamedTuple):
 SAMPLERS = {'euler': SamplerSpec(sample_euler, False, 'uniform'), 'heun': SamplerSpec(sample_heun, False, 'uniform'),
             'ddpm': SamplerSpec(sample_ddpm, True, 'ddpm'), 'ddim': SamplerSpec(sample_ddim, True, 'uniform'),
             'euler_maruyama': SamplerSpec(sample_euler_maruyama, True, 'sde'),
-            'dpmpp_2m': SamplerSpec(sample_dpmpp_2m, False, 'uniform'), 'ode': SamplerSpec(sample_ode, False, 'uniform')}
+            'dpmpp_2m': SamplerSpec(sample_dpmpp_2m, False, 'uniform'),
+            'ode': SamplerSpec(sample_ode, False, 'uniform')}
 _SHARED_ARGS = {'denoiser', 'x', 'ts', 'path', 'extra_args', 'callback', 'generators'}
 
 def sampler_options(name:str)->list:
     "The extra options sampler `name` takes (its keyword arguments beyond the shared ones)."
     import inspect
-    return [k for k in inspect.signature(SAMPLERS[check_choice('sampler', name, SAMPLERS)].fn).parameters if k not in _SHARED_ARGS]
+    params = inspect.signature(SAMPLERS[check_choice('sampler', name, SAMPLERS)].fn).parameters
+    return [k for k in params if k not in _SHARED_ARGS]
 
 def run_sampler(name:str, denoiser, x, ts, path, extra_args=None, callback=None,
                 generators:list|None=None, # used by the stochastic samplers only

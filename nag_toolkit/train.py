@@ -100,14 +100,14 @@ def draw_batch(ds, step:int, cfg:TrainConfig, rank:int=0, world:int=1)->dict:
             'null_t': null_t[rows], 'null_y': null_y[rows]}
 
 def _draw_times(cfg:TrainConfig, B:int, g)->torch.Tensor:
-    "Training times: uniform in [t_min, t_max]; on a discrete path DiT's integer steps k (t = (k + 1) / T) in that range."
+    "Training times: uniform in [t_min, t_max]; on a discrete path DiT's integer steps k (t = (k + 1) / T) in it."
     sched = get_interpolant(cfg.path).schedule
     if sched is None: return cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(B, generator=g)
     lo, hi = math.ceil(cfg.t_min * sched.T - 1 - 1e-9), math.floor(cfg.t_max * sched.T - 1 + 1e-9)
     return sched.step_to_t(torch.randint(max(lo, 0), hi + 1, (B,), generator=g)).float()
 
 def batch_loss(model, batch:dict, path, pred:str, ip_gamma:float=0.0):
-    "Per-row loss: MSE of the prediction of kind `pred`, plus DiT's VB term for a learned-sigma network on a discrete path."
+    "Per-row loss: MSE of the prediction of kind `pred`, plus DiT's VB term for learned sigma on a discrete path."
     x0, eps, t = batch['x0'], batch['eps'], batch['t']
     noise_in = eps + ip_gamma * batch['xi'] if batch.get('xi') is not None else eps
     xt = path.add_noise(x0, t, noise_in)
@@ -128,7 +128,8 @@ def _dit_tables(sched, device)->dict:
         prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         pv = b * (1 - prev) / (1 - ab)                                               # posterior variance beta_tilde
         tab = {'c1': b * prev.sqrt() / (1 - ab), 'c2': (1 - prev) * (1 - b).sqrt() / (1 - ab), 'log_beta': b.log(),
-               'log_pv': torch.cat([pv[1:2], pv[1:]]).log(), 'a': ab.sqrt(), 's': (1 - ab).sqrt()}  # log_pv clipped, as DiT
+               'log_pv': torch.cat([pv[1:2], pv[1:]]).log(),                                 # clipped, as DiT
+               'a': ab.sqrt(), 's': (1 - ab).sqrt()}
         cache[device] = {k: v.float().to(device) for k, v in tab.items()}
     return cache[device]
 
@@ -212,14 +213,14 @@ def _model_options(cfg, ds)->dict:
     return opts
 
 def _finetune_init(model, cfg)->int:
-    "Load fine-tuning weights (a nag_toolkit checkpoint's EMA, or an official DiT/SiT file); returns their null-t steps."
+    "Load fine-tuning weights (a nag_toolkit checkpoint's EMA, or official DiT/SiT weights); return their null-t steps."
     src = Path(cfg.finetune_from)
     if not src.is_dir(): load_pretrained(src, model=model); return 0       # official weights: no null-t token
     model.load_state_dict((ck := load_checkpoint(src))['ema'] or ck['model'])
     return null_t_steps(ck['state'])
 
 def null_t_steps(state:dict)->int:
-    "Optimizer steps trained with noise-condition dropout, from a checkpoint's JSON state (older runs: from their config)."
+    "Optimizer steps trained with noise-condition dropout, from a checkpoint's JSON state (older runs: their config)."
     if 'null_t_steps' in state: return int(state['null_t_steps'])
     return int(state.get('step', 0)) if (state.get('config', {}).get('p_drop') or 0) > 0 else 0
 
@@ -343,8 +344,9 @@ def _checkpoint(run:dict):
     cfg = run['cfg']
     if run['rank'] == 0:
         save_checkpoint(cfg.out, run['step'], run['model'], run['ema'], run['opt'], keep=cfg.keep_checkpoints,
-                        state={'config': asdict(cfg), 'skipped': run['skipped'], 'pred': run['pred'], 'model_config': run['model'].config,
-                               'null_t_steps': run['null_t_steps']})   # steps that trained the null-t token (NAG's guard)
+                        state={'config': asdict(cfg), 'skipped': run['skipped'], 'pred': run['pred'],
+                               'model_config': run['model'].config,
+                               'null_t_steps': run['null_t_steps']})    # steps that trained the null-t token
     if run['world'] > 1: dist.barrier()
 
 def _log(run:dict, row:dict):
