@@ -13,27 +13,27 @@ from fastcore.script import call_parse
 from .core import cli_errors, check_choice, check_range, check_out_dir, progress, coerce
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_mixture
-from .samplers import sample_euler, sample_heun, time_grid
+from .samplers import run_sampler, start_state, time_grid
 from .metrics import mixture_metrics
 
 # %% auto #0
 __all__ = ['SOLVERS', 'run_solvers', 'plot_samples', 'plot_errors', 'run_demo', 'main']
 
 # %% ../nbs/05_demo.ipynb #b8462b17
-SOLVERS = {'euler': sample_euler, 'heun': sample_heun}
+SOLVERS = ('euler', 'heun')   # names in the samplers' registry
 
 def run_solvers(gm, path, steps, n:int, seed:int):
     "Sample `gm` with every solver at every step count through its exact denoiser; one row of metrics each."
     gen = torch.Generator().manual_seed(seed)
-    x1 = gm.sample_xt(n, 1.0, path, generator=gen)[0]           # exact samples of p_1
+    x1 = start_state(torch.randn(n, gm.D, generator=gen), path)   # the samplers' starting rule at t = 1
     ref = gm.sample(n, generator=gen)                           # data, for the NLL gap
     denoiser = lambda x, t: gm.denoise(x, t, path)
-    exact = sample_heun(denoiser, x1, time_grid(1024), path)   # the ODE's solution from the same noise
+    exact = run_sampler('heun', denoiser, x1, time_grid(1024), path)   # the ODE's solution from the same noise
     rows, finals = [], {}
     for solver in progress(list(SOLVERS), desc='solvers'):
         for n_steps in steps:
             t0 = time.perf_counter()
-            x0 = SOLVERS[solver](denoiser, x1, time_grid(n_steps), path)
+            x0 = run_sampler(solver, denoiser, x1, time_grid(n_steps), path)
             rows.append({'path': get_interpolant(path).name, 'solver': solver, 'steps': n_steps,
                          'nfe': n_steps * (2 if solver == 'heun' else 1) - (1 if solver == 'heun' else 0),
                          'disc_error': (x0 - exact).norm(dim=1).mean().item(),

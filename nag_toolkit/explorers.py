@@ -13,17 +13,17 @@ from .core import ConfigError, check_choice, sample_generators, randn_per_sample
 from .interpolants import get_interpolant, INTERPOLANTS
 from .analytic import GaussianMixture
 from .data import get_dataset, get_mixture, MIXTURES
-from .samplers import sample_euler, sample_heun, sample_ddim, sample_dpmpp_2m, sample_euler_maruyama, time_grid
+from .samplers import SAMPLERS, time_grid, start_state
+from .samplers import run_sampler as _run_registered
 from .guidance import Denoiser, GuidedDenoiser, MixtureModel
 from .shift import ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, plot_posterior_heatmap, plot_shift_curves
 from .metrics import mixture_metrics
 from .train import load_trained, oracle_gap
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'STOCHASTIC', 'METRICS_SHOWN', 'BRANCHES', 'fig_png', 'slider', 'dropdown', 'Explorer', 'projection',
-           'plane_data', 'square_limits', 'PathsExplorer', 'cell_centres', 'run_sampler', 'start_states',
-           'forward_heat', 'PosteriorExplorer', 'nag_controls', 'settings_key', 'NAGExplorer', 'metrics_html',
-           'read_run', 'DropoutExplorer']
+__all__ = ['METRICS_SHOWN', 'BRANCHES', 'fig_png', 'slider', 'dropdown', 'Explorer', 'projection', 'plane_data', 'square_limits',
+           'PathsExplorer', 'cell_centres', 'run_sampler', 'start_states', 'forward_heat', 'PosteriorExplorer',
+           'nag_controls', 'settings_key', 'NAGExplorer', 'metrics_html', 'read_run', 'DropoutExplorer']
 
 # %% ../nbs/18_explorers.ipynb #f29490cb
 def fig_png(fig:Figure, # a matplotlib figure (pyplot-free)
@@ -145,23 +145,20 @@ class PathsExplorer(Explorer):
         return f'<b>{path}</b>, t = {t:.2f}: alpha = {a:.3f}, sigma = {s:.3f}, signal-to-noise alpha²/sigma² = {a * a / max(s * s, 1e-12):.3g}'
 
 # %% ../nbs/18_explorers.ipynb #924dd121
-SAMPLERS = {'euler': sample_euler, 'heun': sample_heun, 'ddim': sample_ddim, 'dpmpp_2m': sample_dpmpp_2m,
-            'euler_maruyama': sample_euler_maruyama}
-STOCHASTIC = ('euler_maruyama',)
-
 def cell_centres(n:int)->torch.Tensor:
     "`n` cell centres of [0, 1] (float64): the t grid of posteriors and t-averages."
     return (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
 def run_sampler(sampler:str, den, x1, steps:int, path, seed:int=0, extra_args=None, callback=None):
-    "Sample from `x1` (at t = 1) with a sampler of `SAMPLERS` on a uniform grid; stochastic ones draw per-sample noise from `seed`."
-    f = SAMPLERS[check_choice('sampler', sampler, SAMPLERS)]
-    opts = {'generators': sample_generators(seed + 1, range(len(x1)))} if sampler in STOCHASTIC else {}
-    return f(den, x1, time_grid(steps), path, extra_args=extra_args, callback=callback, **opts)
+    "Sample from `x1` (at t = 1) with a registered sampler on a uniform grid; stochastic ones draw noise from `seed`."
+    stochastic = SAMPLERS[check_choice('sampler', sampler, SAMPLERS)].stochastic
+    gens = sample_generators(seed + 1, range(len(x1))) if stochastic else None
+    return _run_registered(sampler, den, x1, time_grid(steps), path, extra_args=extra_args, callback=callback,
+                           generators=gens)
 
 def start_states(gm:GaussianMixture, n:int, path, seed:int=0)->torch.Tensor:
-    "Starting states at t = 1, `sigma(1) * eps` with one generator per sample (seeded by `(seed, i)`)."
-    return get_interpolant(path).sigma(torch.tensor(1.0)) * randn_per_sample((gm.D,), sample_generators(seed, range(n)))
+    "Starting states at t = 1 by the samplers' rule (`start_state`), one generator per sample (seeded by `(seed, i)`)."
+    return start_state(randn_per_sample((gm.D,), sample_generators(seed, range(n))), path, 1.0)
 
 # %% ../nbs/18_explorers.ipynb #f5d22249
 def forward_heat(post, gm:GaussianMixture, path, ts, n:int, seed:int=0)->torch.Tensor:

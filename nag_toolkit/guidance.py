@@ -8,6 +8,7 @@ import torch
 from .core import ConfigError, check_choice, as_t, expand_t, shared_time, host_time
 from .interpolants import get_interpolant, PRED_KINDS
 from .analytic import GaussianMixture
+from .samplers import Denoised, call_denoiser
 
 # %% auto #0
 __all__ = ['nag_mix', 'Denoiser', 't_marginal_prediction', 'MixtureModel', 'in_interval', 'step_on', 'GuidedDenoiser',
@@ -23,20 +24,24 @@ def nag_mix(cond, # the conditional output, f(c, t)
 # %% ../nbs/06_guidance.ipynb #f62f5e54
 class Denoiser:
     "A network `model(x, t, y=None, null_t=None, null_y=None)` of native kind `pred`, as the samplers' x0 denoiser."
-    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, model, # the network (any callable with that interface)
                  path, # the path it was trained on (name or Interpolant)
                  pred:str|None=None): # its native prediction; None: `model.pred`
         self.model, self.path = model, get_interpolant(path)
         self.pred = check_choice('pred', pred or getattr(model, 'pred', None), PRED_KINDS)
 
-    def native(self, x, t, **extra):
-        "The network's native prediction (extra output channels, such as a learned-sigma DiT's variance, cut off)."
+    def outputs(self, x, t, **extra):
+        "The network's native prediction and its variance values (None without extra output channels), from one call."
         out, c = self.model(x, as_t(t, x), **extra), getattr(self.model, 'pred_channels', None)
-        return out if c is None or out.shape[1] == c else out[:, :c]
+        return (out, None) if c is None or out.shape[1] == c else (out[:, :c], out[:, c:])
 
+    def native(self, x, t, **extra): return self.outputs(x, t, **extra)[0]
     def to_x0(self, out, x, t): return self.path.convert(out, x, as_t(t, x), self.pred, 'x0')
-    def __call__(self, x, t, **extra): return self.to_x0(self.native(x, t, **extra), x, t)
+    def denoise(self, x, t, **extra)->Denoised:
+        "The record a sampler reads: x0, the native prediction and the variance values."
+        out, var = self.outputs(x, t, **extra)
+        return Denoised(self.to_x0(out, x, t), native=out, pred=self.pred, var_values=var)
+    def __call__(self, x, t, **extra): return self.denoise(x, t, **extra).x0
     def __repr__(self): return f"Denoiser({type(self.model).__name__}, path={self.path.name!r}, pred={self.pred!r})"
 
 # %% ../nbs/06_guidance.ipynb #4adbea24
@@ -117,15 +122,17 @@ def _keep_channels(d, channels):
 # %% ../nbs/06_guidance.ipynb #c4ffdc31
 class GuidedDenoiser:
     "CFG and classifier-free NAG around a `Denoiser`, mixed in its native output, with all branches in ONE forward."
-    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, denoiser:Denoiser, # the network's denoiser (see `Denoiser`)
                  w_cfg:float=0.0, # class guidance weight (DiT's cfg_scale - 1)
                  w_nag:float=0.0, # noise awareness guidance weight
                  interval=None, # (t_lo, t_hi): guide only samples with t inside; None: everywhere
                  cfg_channels:int|None=None): # apply CFG to the first `cfg_channels` channels only (DiT/SiT: 3)
         if not isinstance(denoiser, Denoiser): raise ConfigError("denoiser must be a Denoiser (wrap the network with Denoiser(model, path))")
+        if w_nag != 0 and getattr(denoiser.model, 'null_t_steps', None) == 0: raise ConfigError(
+            f"w_nag={w_nag} needs a trained null-t token, and this network's was never trained (official DiT/SiT "
+            "weights have none); allowed: w_nag=0, or fine-tune first with noise-condition dropout "
+            "(train with finetune_from, p_drop 0.2, lr 1e-5)")
         self.den, self.w_cfg, self.w_nag, self.interval, self.cfg_channels = denoiser, w_cfg, w_nag, interval, cfg_channels
-        self.last_branches = None
 
     def branches(self, on, whole=None):
         "Names of the branches to evaluate: `whole` says whether the whole batch is inside (None: read the mask `on`)."
@@ -138,8 +145,10 @@ class GuidedDenoiser:
 
 # %% ../nbs/06_guidance.ipynb #56bd9fef
 def _forward(self:GuidedDenoiser, x, t, names, extra):
-    "Native outputs of the named branches from ONE forward of the repeated batch: {name: [N, ...]}."
-    if names == ['cond']: return {'cond': self.den.native(x, t, **extra)}
+    "Native outputs of the named branches from ONE forward of the repeated batch, {name: [N, ...]}; the cond variance."
+    if names == ['cond']:
+        out, var = self.den.outputs(x, t, **extra)
+        return {'cond': out}, var
     extra, n, B = dict(extra), len(x), len(names)
     masks = {}
     for key in ('null_t', 'null_y'):
@@ -147,8 +156,8 @@ def _forward(self:GuidedDenoiser, x, t, names, extra):
         masks[key] = m if user is None else m | user.bool().repeat(B)            # the caller's own masks, kept
     rep = lambda v: v.repeat(B, *([1] * (v.ndim - 1))) if torch.is_tensor(v) and len(v) == n else v
     tt = t[:1].expand(B * n) if shared_time(t) else t.repeat(B)                 # a shared time stays shared
-    out = self.den.native(rep(x), tt, **{k: rep(v) for k, v in extra.items()}, **masks)
-    return dict(zip(names, out.chunk(B)))
+    out, var = self.den.outputs(rep(x), tt, **{k: rep(v) for k, v in extra.items()}, **masks)
+    return dict(zip(names, out.chunk(B))), (None if var is None else var[:n])   # the variance of the cond branch (DiT)
 
 def _branch_mask(self:GuidedDenoiser, key, names, n, device):
     "Which rows of the repeated batch are the branch `key`; made once per batch size (not every step)."
@@ -158,20 +167,23 @@ def _branch_mask(self:GuidedDenoiser, key, names, n, device):
         cache[k] = torch.cat([torch.full((n,), b == key, dtype=torch.bool, device=device) for b in names])
     return cache[k]
 
-def _call(self:GuidedDenoiser, x, t, **extra):
-    "The guided x0 estimate; the branch outputs are kept in `last_branches`."
+def _denoise(self:GuidedDenoiser, x, t, **extra)->Denoised:
+    "The guided record: x0 of the mixed native output, the cond branch's variance values and every branch's output."
     whole = step_on(t, self.interval)                       # a sampler's step: inside or not, known on the host
     t = as_t(t, x)
     on = in_interval(t, self.interval) if whole is None and self.interval is not None else None   # per-sample times only
-    out = self._forward(x, t, self.branches(on, whole), extra)
+    out, var = self._forward(x, t, self.branches(on, whole), extra)
     cond = mixed = out['cond']
     if 'null_y' in out: mixed = mixed + self.w_cfg * _keep_channels(cond - out['null_y'], self.cfg_channels)
     if 'null_t' in out: mixed = mixed + self.w_nag * (cond - out['null_t'])
     if len(out) > 1 and on is not None: mixed = torch.where(_col(on, x), mixed, cond)
-    self.last_branches = {**out, 'guided': mixed}
-    return self.den.to_x0(mixed, x, t)
+    return Denoised(self.den.to_x0(mixed, x, t), native=mixed, pred=self.den.pred, var_values=var,
+                    branches={**out, 'guided': mixed})
 
-GuidedDenoiser._forward, GuidedDenoiser._branch_mask, GuidedDenoiser.__call__ = _forward, _branch_mask, _call
+def _call(self, x, t, **extra): return self.denoise(x, t, **extra).x0
+
+GuidedDenoiser._forward, GuidedDenoiser._branch_mask = _forward, _branch_mask
+GuidedDenoiser.denoise, GuidedDenoiser.__call__ = _denoise, _call
 
 # %% ../nbs/06_guidance.ipynb #1f59887e
 def interp_log_posterior(log_p, # log-probabilities over the grid, [N, G]
@@ -189,7 +201,6 @@ def interp_log_posterior(log_p, # log-probabilities over the grid, [N, G]
 # %% ../nbs/06_guidance.ipynb #c667a6ac
 class ClassifierNAG:
     "Classifier-based NAG: the denoiser's score plus `w * grad_x log g(t | x)` at the scheduled t, back to x0."
-    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, denoiser, # any x0 denoiser
                  w:float, # guidance weight
                  g=None, # g(x, t_grid) -> probabilities [N, G] ...
@@ -201,7 +212,6 @@ class ClassifierNAG:
             raise ConfigError("give either g with t_grid, or log_g")
         self.den, self.w, self.g, self.t_grid, self._log_g, self.interval = denoiser, w, g, t_grid, log_g, interval
         self.path = get_interpolant(path if path is not None else denoiser.path)
-        self.last_branches = None
 
     def log_g(self, x, t):
         "log g(t | x) per sample."
@@ -215,41 +225,44 @@ class ClassifierNAG:
             return torch.autograd.grad(self.log_g(xg, t).sum(), xg)[0]
 
 # %% ../nbs/06_guidance.ipynb #e6f7827a
-def _cnag_call(self:ClassifierNAG, x, t, **extra):
-    "The guided x0 estimate (the unguided one where the weight is 0, outside the interval or where alpha = 0)."
+def _cnag_denoise(self:ClassifierNAG, x, t, **extra)->Denoised:
+    "The guided record (the unguided estimate where the weight is 0, outside the interval or where alpha = 0)."
     whole = step_on(t, self.interval, self.path)
     t = as_t(t, x)
-    x0 = self.den(x, t, **extra)
-    self.last_branches = {'denoised': x0}
+    inner = call_denoiser(self.den, x, t, extra)
+    x0, rec = inner.x0, Denoised(inner.x0, var_values=inner.var_values, branches={'denoised': inner.x0})
     on = None if whole is not None else in_interval(t, self.interval) & (self.path.alpha(t) > 0)
-    if self.w == 0 or whole is False or (on is not None and not bool(on.any())): return x0
+    if self.w == 0 or whole is False or (on is not None and not bool(on.any())): return rec
     grad = self.grad(x, t)
     score = self.path.convert(x0, x, t, 'x0', 'score') + self.w * grad
-    self.last_branches['grad_log_g'] = grad
     guided = self.path.convert(score, x, t, 'score', 'x0')
-    return guided if on is None else torch.where(_col(on, x), guided, x0)
+    rec.x0, rec.branches['grad_log_g'] = (guided if on is None else torch.where(_col(on, x), guided, x0)), grad
+    return rec
 
-ClassifierNAG.__call__ = _cnag_call
+ClassifierNAG.denoise, ClassifierNAG.__call__ = _cnag_denoise, _call
 
 # %% ../nbs/06_guidance.ipynb #30a9249b
 class EpsScaling:
     "Epsilon scaling: divide the denoiser's implied eps by `lambda_t = k * t + b` (ADM-ES), x0 from the scaled eps."
-    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, denoiser, k:float=0.0, b:float=1.005, path=None, interval=None):
         self.den, self.k, self.b, self.interval = denoiser, k, b, interval
         self.path = get_interpolant(path if path is not None else denoiser.path)
 
-    def __call__(self, x, t, **extra):
+    def denoise(self, x, t, **extra)->Denoised:
+        "The record with x0 rebuilt from the scaled eps (the variance values passed through)."
         whole = step_on(t, self.interval, self.path, lambda h: self.k * h + self.b != 1)
         t = as_t(t, x)
-        x0 = self.den(x, t, **extra)
-        if whole is False: return x0
+        rec = call_denoiser(self.den, x, t, extra)
+        rec, x0 = Denoised(rec.x0, var_values=rec.var_values, branches=rec.branches), rec.x0
         lam = self.k * t + self.b
         on = None if whole is not None else (lam != 1) & in_interval(t, self.interval) & (self.path.alpha(t) > 0)
-        if on is not None and not bool(on.any()): return x0
+        if whole is False or (on is not None and not bool(on.any())): return rec
         a, s, _, _ = self.path.coefs_like(t, x)
         eps = (x - a * x0) / s / expand_t(lam, x)                                   # scaled noise estimate
-        return (x - s * eps) / a if on is None else torch.where(_col(on, x), (x - s * eps) / a, x0)
+        rec.x0 = (x - s * eps) / a if on is None else torch.where(_col(on, x), (x - s * eps) / a, x0)
+        return rec
+
+    __call__ = _call
 
 # %% ../nbs/06_guidance.ipynb #753407ef
 class TimeShift:
@@ -260,7 +273,7 @@ class TimeShift:
                  cutoff:float=0.0, # shift only where t >= cutoff
                  n_candidates:int=21): # number of candidate times in the window
         self.den, self.data_var, self.window, self.cutoff, self.n = denoiser, data_var, window, cutoff, n_candidates
-        self.path, self.last_branches = get_interpolant(path if path is not None else denoiser.path), None
+        self.path = get_interpolant(path if path is not None else denoiser.path)
 
     def fed_time(self, x, t):
         "The time each sample's state looks like, chosen among candidates near its scheduled t."
@@ -271,28 +284,33 @@ class TimeShift:
         best = (v_hat[:, None] - (a**2 * self.data_var + s**2)).abs().argmin(1)
         return torch.where(t >= self.cutoff, cand[torch.arange(len(t)), best], t)
 
-    def __call__(self, x, t, **extra):
+    def denoise(self, x, t, **extra)->Denoised:
+        "The inner denoiser's record at the fed times, with those times in `branches['t_fed']`."
         t = as_t(t, x)
         t_fed = self.fed_time(x, t)
-        self.last_branches = {'t_fed': t_fed}
-        return self.den(x, t_fed, **extra)
+        rec = call_denoiser(self.den, x, t_fed, extra)
+        return Denoised(rec.x0, var_values=rec.var_values, branches={**(rec.branches or {}), 't_fed': t_fed})
+
+    __call__ = _call
 
 # %% ../nbs/06_guidance.ipynb #6aa1a66a
 class Autoguidance:
     "Autoguidance: `f_good + w (f_good - f_weak)` with a weaker model as the negative branch, in native outputs."
-    host_time_ok = True   # takes a step time given as a host number (see samplers._denoise)
     def __init__(self, good:Denoiser, weak:Denoiser, w:float, interval=None):
-        self.good, self.weak, self.w, self.interval, self.last_branches = good, weak, w, interval, None
+        self.good, self.weak, self.w, self.interval = good, weak, w, interval
 
-    def __call__(self, x, t, **extra):
+    def denoise(self, x, t, **extra)->Denoised:
+        "The guided record, mixed in the good model's native output (its variance values passed through)."
         whole = step_on(t, self.interval)
         t = as_t(t, x)
-        f_good = self.good.native(x, t, **extra)
+        f_good, var = self.good.outputs(x, t, **extra)
         on = None if whole is not None else in_interval(t, self.interval)
-        self.last_branches = {'good': f_good}
-        if self.w == 0 or whole is False or (on is not None and not bool(on.any())): return self.good.to_x0(f_good, x, t)
+        rec = lambda f, b: Denoised(self.good.to_x0(f, x, t), native=f, pred=self.good.pred, var_values=var, branches=b)
+        if self.w == 0 or whole is False or (on is not None and not bool(on.any())):
+            return rec(f_good, {'good': f_good})
         f_weak = self.weak.path.convert(self.weak.native(x, t, **extra), x, t, self.weak.pred, self.good.pred)
         mixed = f_good + self.w * (f_good - f_weak)
         if on is not None: mixed = torch.where(_col(on, x), mixed, f_good)
-        self.last_branches.update(weak=f_weak, guided=mixed)
-        return self.good.to_x0(mixed, x, t)
+        return rec(mixed, {'good': f_good, 'weak': f_weak, 'guided': mixed})
+
+    __call__ = _call

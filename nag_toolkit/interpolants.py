@@ -74,7 +74,7 @@ def respace(schedule:DDPMSchedule, n:int):
 
 # %% ../nbs/01_interpolants.ipynb #2f5ac52d
 PRED_KINDS = ('eps', 'x0', 'v', 'score')
-DIFFUSION_FORMS = ('sigma', 'constant', 'sbdm')
+DIFFUSION_FORMS = ('sigma', 'constant', 'sbdm', 'linear', 'decreasing', 'increasing-decreasing')   # SiT's forms
 
 class Interpolant:
     "A path `x_t = alpha(t) x0 + sigma(t) eps`, defined by a function returning (alpha, sigma, d_alpha, d_sigma)."
@@ -142,19 +142,21 @@ def ode_drift(self:Interpolant, pred, x, t, kind:str='x0'):
     return self.convert(pred, x, t, kind, 'v')
 
 def diffusion_coef(self:Interpolant, t, form:str='sigma', norm:float=1.0):
-    "Diffusion coefficient `w(t)` of the reverse SDE: `norm * sigma(t)` (SiT's default), `norm`, or `norm * g^2` (the forward SDE's)."
-    a, s, da, ds = self.coefs(t)
+    "SiT's diffusion `D(t)` of the reverse SDE `dx = [v - D score] dt + sqrt(2 D) dW`, for SiT's `form` and `norm`."
     form = check_choice('diffusion_form', form, DIFFUSION_FORMS)
-    if form == 'sigma': return norm * s
-    if form == 'constant': return norm * torch.ones_like(s)
-    return norm * 2 * s * (ds - da / a * s)  # g^2 = d(sigma^2)/dt - 2 (alpha'/alpha) sigma^2
+    t = torch.as_tensor(t, dtype=torch.get_default_dtype()) if not torch.is_tensor(t) else t
+    a, s, da, ds = self.coefs(t)
+    if form == 'sbdm': return norm * s * (ds - da / a * s)   # g^2 / 2; g^2 = d(sigma^2)/dt - 2 (alpha'/alpha) sigma^2
+    return {'constant': lambda: norm * torch.ones_like(s), 'sigma': lambda: norm * s, 'linear': lambda: norm * t,
+            'decreasing': lambda: 0.25 * (1 - norm * torch.cos(math.pi * t))**2,
+            'increasing-decreasing': lambda: norm * torch.sin(math.pi * t)**2}[form]()
 
-def sde_drift(self:Interpolant, pred, x, t, w, kind:str='x0'):
-    "Reverse-SDE drift `v - w/2 * score` (integrated from t = 1 to 0 with noise `sqrt(w |dt|)`)."
+def sde_drift(self:Interpolant, pred, x, t, D, kind:str='x0'):
+    "Reverse-SDE drift `v - D * score` in this project's time (integrated from t = 1 to 0 with noise `sqrt(2 D |dt|)`)."
     x0, eps = self.to_x0_eps(pred, x, t, kind)
     a, s, da, ds = self.coefs_like(t, x)
-    w = expand_t(w, x) if torch.is_tensor(w) and w.ndim == 1 else w
-    return da * x0 + ds * eps + 0.5 * w * eps / s
+    D = expand_t(D, x) if torch.is_tensor(D) and D.ndim == 1 else D
+    return da * x0 + ds * eps + D * eps / s                      # score = -eps / sigma
 
 for f in (ode_drift, diffusion_coef, sde_drift): setattr(Interpolant, f.__name__, f)
 

@@ -391,6 +391,7 @@ def load_pretrained(path, # a .pt / .pth (torch, read weights-only) or .safetens
     if model is None: model = build_model(**dit_config_from_state_dict(sd), t_embed=t_embed or 'dit')
     _check_shapes(model, sd)
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    if NULL_T_KEY in missing: model.null_t_steps = 0     # an untrained null-t token: NAG is refused until fine-tuned
     note = f" (expected: official checkpoints have no {NULL_T_KEY}; it keeps its initial value until fine-tuned)" if NULL_T_KEY in missing else ''
     print(f"missing keys: {_key_list(missing)}{note}")
     print(f"unexpected keys: {_key_list(unexpected)}")

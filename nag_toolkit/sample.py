@@ -12,16 +12,15 @@ import torch
 from .core import ConfigError, check_choice, check_range, config_from_dict, sample_generators, randn_per_sample
 from .core import check_out_dir, RunLock, progress, file_digest, digest_ok, fault_point, warn, _alive
 from .interpolants import get_interpolant
-from .samplers import GRID_KINDS, time_grid, sde_grid
-from .samplers import sample_euler, sample_heun, sample_ddpm, sample_ddim, sample_euler_maruyama, sample_dpmpp_2m
+from .samplers import GRID_KINDS, SAMPLERS, time_grid, sde_grid, sampler_options, run_sampler, start_state
 from .guidance import Denoiser, GuidedDenoiser
 from .train import load_trained, pick_device
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'GRIDS', 'FORMATS', 'LAYOUTS', 'RESUME_FREE', 'SampleConfig', 'sampler_options', 'from_dict',
-           'check_config', 'sampling_grid', 'sample_shape', 'load_job', 'draw_samples', 'decode_latents',
-           'to_uint8_nhwc', 'encode', 'shard_range', 'rank_shards', 'shard_path', 'shard_record', 'shard_state',
-           'shard_done', 'shard_count', 'write_npz', 'write_png', 'world_info', 'make_shard', 'sample_shards']
+__all__ = ['GRIDS', 'FORMATS', 'LAYOUTS', 'RESUME_FREE', 'SampleConfig', 'from_dict', 'check_config', 'sampling_grid',
+           'sample_shape', 'load_job', 'draw_samples', 'decode_latents', 'to_uint8_nhwc', 'encode', 'shard_range',
+           'rank_shards', 'shard_path', 'shard_record', 'shard_state', 'shard_done', 'shard_count', 'write_npz',
+           'write_png', 'world_info', 'make_shard', 'sample_shards']
 
 # %% ../nbs/16_sample.ipynb #eebeb9eb
 @dataclass
@@ -51,16 +50,7 @@ class SampleConfig:
     vae_scale: float = 0.18215      # latent scaling factor of that VAE
 
 # %% ../nbs/16_sample.ipynb #01fde215
-SAMPLERS = {'euler': (sample_euler, False), 'heun': (sample_heun, False), 'ddpm': (sample_ddpm, True),
-            'ddim': (sample_ddim, True), 'euler_maruyama': (sample_euler_maruyama, True), 'dpmpp_2m': (sample_dpmpp_2m, False)}
 GRIDS, FORMATS = ('auto', *GRID_KINDS, 'sde'), ('npz', 'png')
-_SHARED_ARGS = {'denoiser', 'x', 'ts', 'path', 'extra_args', 'callback', 'generators'}
-
-def sampler_options(name:str)->list:
-    "The extra options sampler `name` takes (its keyword arguments beyond the shared ones)."
-    import inspect
-    fn = SAMPLERS[check_choice('sampler', name, SAMPLERS)][0]
-    return [k for k in inspect.signature(fn).parameters if k not in _SHARED_ARGS]
 
 def from_dict(d:dict)->SampleConfig:
     "A `SampleConfig` from a plain dict, types checked field by field (an int `label` is read as a class id)."
@@ -100,7 +90,8 @@ def sampling_grid(cfg:SampleConfig, path, pred:str)->torch.Tensor:
     no_x0 = pred in ('eps', 'score') and float(path.alpha(torch.tensor(1.0, dtype=torch.float64))) == 0
     t_max = cfg.t_max if cfg.t_max is not None else (0.999 if no_x0 else 1.0)
     kind = cfg.grid
-    if kind == 'auto': kind = 'ddpm' if path.schedule is not None else ('sde' if cfg.sampler == 'euler_maruyama' else 'uniform')
+    natural = SAMPLERS[cfg.sampler].grid                                 # 'uniform', 'ddpm' or 'sde'
+    if kind == 'auto': kind = 'ddpm' if path.schedule is not None else ('sde' if natural == 'sde' else 'uniform')
     if kind == 'sde': return sde_grid(cfg.steps, t_max=t_max)
     return time_grid(cfg.steps, kind, t_max=t_max, path=path)
 
@@ -137,16 +128,23 @@ def load_job(cfg:SampleConfig)->dict:
     latent = state['config']['dataset'] == 'latents'
     kind = 'vector' if len(shape) == 1 else ('latent' if latent and not cfg.vae else 'image')
     _check_against(cfg, model.num_classes, shape, kind)
-    ts = sampling_grid(cfg, path, pred)
-    a, s = (float(c) for c in path.coefs(ts[:1])[:2])
+    ts, opts = sampling_grid(cfg, path, pred), _sampler_defaults(cfg, model)
     vae = None
     if cfg.vae:
         from nag_toolkit.data import _load_vae
         vae = _load_vae(cfg.vae, device)
     meta = {'config': {**asdict(cfg), 'checkpoint': str(Path(cfg.checkpoint).resolve())}, 'checkpoint_step': state['step'],
-            'path': path.name, 'pred': pred, 'shape': list(shape), 'kind': kind, 'num_classes': model.num_classes, 'layout': LAYOUTS[kind]}
+            'path': path.name, 'pred': pred, 'shape': list(shape), 'kind': kind, 'num_classes': model.num_classes,
+            'layout': LAYOUTS[kind], 'sampler_options': opts, 'null_t_steps': getattr(model, 'null_t_steps', None)}
     return {'cfg': cfg, 'device': device, 'model': model, 'denoiser': _denoiser(cfg, model, path, pred), 'path': path,
-            'ts': ts, 'scale': math.sqrt(a * a + s * s), 'shape': shape, 'kind': kind, 'num_classes': model.num_classes, 'vae': vae, 'meta': meta}
+            'ts': ts, 'sampler_options': opts, 'shape': shape, 'kind': kind, 'num_classes': model.num_classes,
+            'vae': vae, 'meta': meta}
+
+def _sampler_defaults(cfg:SampleConfig, model)->dict:
+    "The sampler's options: the config's, with DiT's learned variance for `ddpm` on a network with learned sigma."
+    learned = cfg.sampler == 'ddpm' and getattr(model, 'learn_sigma', False)
+    return {'variance': 'learned', **cfg.sampler_options} if learned else dict(cfg.sampler_options)
+    return dict(cfg.sampler_options)
 
 # %% ../nbs/16_sample.ipynb #a5981ce2
 @torch.no_grad()
@@ -156,10 +154,10 @@ def draw_samples(job:dict, indices)->tuple:
     gens = sample_generators(cfg.seed, indices)
     y = torch.cat([torch.randint(max(nc, 1), (1,), generator=g) for g in gens])           # 1. the label
     if cfg.label != 'random': y = torch.full_like(y, int(cfg.label))
-    x = randn_per_sample(job['shape'], gens) * job['scale']                               # 2. the starting noise
-    fn, stochastic = SAMPLERS[cfg.sampler]
-    noise = {'generators': gens} if stochastic else {}                                    # 3. the steps' noise
-    out = fn(job['denoiser'], x.to(dev), job['ts'], job['path'], extra_args={'y': y.to(dev)} if nc else {}, **noise, **cfg.sampler_options)
+    x = start_state(randn_per_sample(job['shape'], gens), job['path'], float(job['ts'][0]))  # 2. the starting noise
+    extra = {'y': y.to(dev)} if nc else {}
+    out = run_sampler(cfg.sampler, job['denoiser'], x.to(dev), job['ts'], job['path'], extra_args=extra,
+                      generators=gens, **job['sampler_options'])                # 3. the steps' noise, per sample
     if job['vae'] is not None: out = decode_latents(out, job['vae'], cfg.vae_scale)
     return out.float().cpu(), (y if nc else torch.full_like(y, -1))
 

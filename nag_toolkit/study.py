@@ -17,7 +17,7 @@ from .core import ConfigError, check_choice, check_range, config_from_dict, samp
 from .core import check_out_dir, RunLock, progress
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
-from .samplers import sample_euler, sample_heun, sample_euler_maruyama, sample_dpmpp_2m, time_grid
+from .samplers import SAMPLERS, run_sampler, start_state, time_grid
 from .guidance import Denoiser, GuidedDenoiser, ClassifierNAG, EpsScaling, TimeShift, MixtureModel, interp_log_posterior
 from .train import TrainConfig, train, training_report, load_trained
 from .estimator import build_estimator, train_estimator, save_estimator, load_estimator, calibration
@@ -29,13 +29,13 @@ from .intervals import (boot_indices, mixture_boot, image_boot, low_t_shift, add
                                    IMAGE_BOOT)
 
 # %% auto #0
-__all__ = ['STUDY_DATASETS', 'SAMPLERS', 'BUILDERS', 'SHIFT_METHODS', 'CELL', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER',
-           'SAMPLER_NAMES', 'GUIDED', 'PIPELINES', 'QUICK', 'DIGITS_DEMO', 'FULL', 'PRESETS', 'StudyConfig',
-           'study_from_dict', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods',
-           'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'fig_shift_vs_steps', 'fig_heatmaps',
-           'fig_shift_curves', 'fig_samplers', 'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt', 'headline',
-           'md_table', 'claim', 'findings', 'findings_md', 'fig_sample_grid', 'write_report', 'run_study',
-           'pool_studies', 'fig_where_nag_helps', 'map_findings', 'run_models', 'collect_findings']
+__all__ = ['STUDY_DATASETS', 'BUILDERS', 'SHIFT_METHODS', 'CELL', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER', 'SAMPLER_NAMES',
+           'GUIDED', 'PIPELINES', 'QUICK', 'DIGITS_DEMO', 'FULL', 'PRESETS', 'StudyConfig', 'study_from_dict',
+           'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods', 'start_noise',
+           'Scorer', 'one_run', 'stage_evaluate', 'fig_shift_vs_steps', 'fig_heatmaps', 'fig_shift_curves',
+           'fig_samplers', 'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt', 'headline', 'md_table', 'claim',
+           'findings', 'findings_md', 'fig_sample_grid', 'write_report', 'run_study', 'pool_studies',
+           'fig_where_nag_helps', 'map_findings', 'run_models', 'collect_findings']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -80,17 +80,6 @@ def study_from_dict(d:dict)->StudyConfig:
     return cfg
 
 StudyConfig.from_dict = staticmethod(study_from_dict)
-
-# %% ../nbs/15_study.ipynb #192153c5
-def _em(den, x, ts, path, callback=None, generators=None):
-    return sample_euler_maruyama(den, x, ts, path, callback=callback, generators=generators)
-
-def _deterministic(sampler):
-    "A deterministic sampler in the study's signature (it takes and ignores `generators`)."
-    return lambda den, x, ts, path, callback=None, generators=None: sampler(den, x, ts, path, callback=callback)
-
-SAMPLERS = {'euler': _deterministic(sample_euler), 'heun': _deterministic(sample_heun), 'euler_maruyama': _em,
-            'dpmpp_2m': _deterministic(sample_dpmpp_2m)}
 
 # %% ../nbs/15_study.ipynb #a8878eb0
 def _model(cfg:StudyConfig)->str: return 'digits' if cfg.dataset == 'digits' else 'mlp'
@@ -167,7 +156,7 @@ def study_methods(cfg:StudyConfig)->list:
 def start_noise(cfg:StudyConfig, n:int, shape)->torch.Tensor:
     "The shared starting states at t = 1: one generator per sample, seeded by (seed, index)."
     eps = randn_per_sample(tuple(shape) if not isinstance(shape, int) else (shape,), sample_generators(cfg.seed, range(n)))
-    return get_interpolant(cfg.path).sigma(torch.tensor(1.0)) * eps
+    return start_state(eps, cfg.path, 1.0)
 
 # %% ../nbs/15_study.ipynb #d28efe61
 class Scorer:
@@ -221,10 +210,11 @@ def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dic
     "(row, shift rows, bootstrap values) of one (method, sampler, steps) run."
     rec, keep = TrajectoryRecorder(stride=max(1, steps // 32)), cfg.n_shift   # at most ~32 states per trajectory are read
     cb = lambda d: rec({**d, 'x': d['x'][:keep]})
-    gens = sample_generators(cfg.seed + 1, range(len(x1))) if sampler == 'euler_maruyama' else None
-    run = _floor_sampler(scorer.floor(len(x1)), refs['floor']) if m.family == 'floor' else SAMPLERS[sampler]
+    gens = sample_generators(cfg.seed + 1, range(len(x1))) if SAMPLERS[sampler].stochastic else None
+    floor = _floor_sampler(scorer.floor(len(x1)), refs['floor']) if m.family == 'floor' else None
     t0 = time.perf_counter()
-    x0 = run(den, x1.clone(), time_grid(steps), cfg.path, callback=cb, generators=gens)
+    if floor: x0 = floor(den, x1.clone(), time_grid(steps), cfg.path, callback=cb)
+    else: x0 = run_sampler(sampler, den, x1.clone(), time_grid(steps), cfg.path, callback=cb, generators=gens)
     secs = time.perf_counter() - t0
     key = {'method': m.name, 'family': m.family, 'w': m.w, 'sampler': sampler, 'steps': steps}
     shift_rows = []

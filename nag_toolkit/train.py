@@ -17,9 +17,10 @@ from .models import build_model, load_pretrained
 from .checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint
 
 # %% auto #0
-__all__ = ['RESUME_FREE', 'TrainConfig', 'from_dict', 'resolve', 'draw_batch', 'batch_loss', 'StepBatches', 'batch_loader',
-           'pick_device', 'init_distributed', 'ema_update', 'setup', 'TrainingDiverged', 'train_step', 'StopFlag',
-           'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained', 'import_pretrained', 'training_report']
+__all__ = ['RESUME_FREE', 'TrainConfig', 'from_dict', 'resolve', 'draw_batch', 'batch_loss', 'dit_vb_bits', 'StepBatches',
+           'batch_loader', 'pick_device', 'init_distributed', 'null_t_steps', 'ema_update', 'setup', 'TrainingDiverged',
+           'train_step', 'StopFlag', 'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained',
+           'import_pretrained', 'training_report']
 
 # %% ../nbs/09_train.ipynb #23bd28aa
 @dataclass
@@ -86,7 +87,7 @@ def draw_batch(ds, step:int, cfg:TrainConfig, rank:int=0, world:int=1)->dict:
     g = torch.Generator().manual_seed(sample_seed(cfg.seed, step))
     B = cfg.batch_size
     idx = torch.randint(len(ds), (B,), generator=g)
-    t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(B, generator=g)
+    t = _draw_times(cfg, B, g)
     eps = torch.randn((B, *ds.shape), generator=g)
     xi = torch.randn((B, *ds.shape), generator=g) if cfg.ip_gamma > 0 else None
     null_t = torch.rand(B, generator=g) < cfg.p_drop          # noise-condition dropout
@@ -98,15 +99,63 @@ def draw_batch(ds, step:int, cfg:TrainConfig, rank:int=0, world:int=1)->dict:
     return {'x0': x0, 'y': y, 't': t[rows], 'eps': eps[rows], 'xi': None if xi is None else xi[rows],
             'null_t': null_t[rows], 'null_y': null_y[rows]}
 
+def _draw_times(cfg:TrainConfig, B:int, g)->torch.Tensor:
+    "Training times: uniform in [t_min, t_max]; on a discrete path DiT's integer steps k (t = (k + 1) / T) in it."
+    sched = get_interpolant(cfg.path).schedule
+    if sched is None: return cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(B, generator=g)
+    lo, hi = math.ceil(cfg.t_min * sched.T - 1 - 1e-9), math.floor(cfg.t_max * sched.T - 1 + 1e-9)
+    return sched.step_to_t(torch.randint(max(lo, 0), hi + 1, (B,), generator=g)).float()
+
 def batch_loss(model, batch:dict, path, pred:str, ip_gamma:float=0.0):
-    "Per-row MSE between the model's prediction of kind `pred` and its target, through the path's conversions."
+    "Per-row loss: MSE of the prediction of kind `pred`, plus DiT's VB term for learned sigma on a discrete path."
     x0, eps, t = batch['x0'], batch['eps'], batch['t']
     noise_in = eps + ip_gamma * batch['xi'] if batch.get('xi') is not None else eps
     xt = path.add_noise(x0, t, noise_in)
     target = path.from_x0_eps(x0, eps, path.add_noise(x0, t, eps), t, pred)
-    out = model(xt, t, batch['y'], null_t=batch['null_t'], null_y=batch['null_y'])
-    out = out[:, :x0.shape[1]] if out.shape != x0.shape else out   # learn_sigma: the first C channels
-    return (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    out = model(xt, t, batch['y'], null_t=batch['null_t'], null_y=batch['null_y']).float()
+    c = x0.shape[1]
+    mse = (out[:, :c] - target.float()).pow(2).flatten(1).mean(1)   # learn_sigma: the first C channels
+    if out.shape[1] != 2 * c or path.schedule is None: return mse
+    eps_hat = path.to_x0_eps(out[:, :c].detach(), xt.float(), t, pred)[1]     # the mean is frozen for the VB term
+    return mse + dit_vb_bits(path.schedule, x0.float(), xt.float(), path.schedule.t_to_step(t), eps_hat, out[:, c:])
+
+# %% ../nbs/09_train.ipynb #24228085
+def _dit_tables(sched, device)->dict:
+    "DiT's per-step tables of the full process (float64, then float32 as DiT extracts them) on `device`, made once."
+    cache = sched.__dict__.setdefault('_dit_tables', {})
+    if device not in cache:
+        b, ab = sched.betas, sched.abar
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        pv = b * (1 - prev) / (1 - ab)                                               # posterior variance beta_tilde
+        tab = {'c1': b * prev.sqrt() / (1 - ab), 'c2': (1 - prev) * (1 - b).sqrt() / (1 - ab), 'log_beta': b.log(),
+               'log_pv': torch.cat([pv[1:2], pv[1:]]).log(),                                 # clipped, as DiT
+               'a': ab.sqrt(), 's': (1 - ab).sqrt()}
+        cache[device] = {k: v.float().to(device) for k, v in tab.items()}
+    return cache[device]
+
+def _normal_cdf_approx(x): return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+def _decoder_nll(x0, mean, log_scale):
+    "DiT's discretized Gaussian decoder NLL (nats) of data in [-1, 1] with bins of 2/255."
+    inv = torch.exp(-log_scale)
+    cdf_plus, cdf_min = _normal_cdf_approx(inv * (x0 - mean + 1 / 255)), _normal_cdf_approx(inv * (x0 - mean - 1 / 255))
+    lp = torch.where(x0 < -0.999, cdf_plus.clamp(min=1e-12).log(), torch.where(
+        x0 > 0.999, (1 - cdf_min).clamp(min=1e-12).log(), (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    return -lp
+
+def dit_vb_bits(sched, # the discrete schedule (`get_interpolant('ddpm').schedule`)
+                x0, xt, k, # data, state and integer step per row
+                eps_hat, # the predicted noise (detach it to train only the variance, as DiT does)
+                var_values): # the network's variance outputs v
+    "DiT's variational-bound term per row in bits: KL of the step's posterior for k > 0, the decoder NLL at k = 0."
+    tab, col = _dit_tables(sched, x0.device), lambda v: v[k].reshape(-1, *([1] * (x0.ndim - 1)))
+    x0_hat = (xt - col(tab['s']) * eps_hat) / col(tab['a'])
+    true_mean, mean = col(tab['c1']) * x0 + col(tab['c2']) * xt, col(tab['c1']) * x0_hat + col(tab['c2']) * xt
+    frac = (var_values + 1) / 2
+    log_var, log_pv = frac * col(tab['log_beta']) + (1 - frac) * col(tab['log_pv']), col(tab['log_pv'])
+    kl = 0.5 * (-1 + log_var - log_pv + torch.exp(log_pv - log_var) + (true_mean - mean).pow(2) * torch.exp(-log_var))
+    per = torch.where(k.reshape(-1, *([1] * (x0.ndim - 1))) == 0, _decoder_nll(x0, mean, 0.5 * log_var), kl)
+    return per.flatten(1).mean(1) / math.log(2.0)
 
 # %% ../nbs/09_train.ipynb #8c89eaa8
 class StepBatches(Dataset):
@@ -163,11 +212,17 @@ def _model_options(cfg, ds)->dict:
     opts.setdefault('num_classes', ds.num_classes if ds.meta.get('conditional', cfg.model != 'mlp') else 0)
     return opts
 
-def _finetune_init(model, cfg):
-    "Load fine-tuning weights: a nag_toolkit checkpoint (its EMA) or an official DiT/SiT file."
+def _finetune_init(model, cfg)->int:
+    "Load fine-tuning weights (a nag_toolkit checkpoint's EMA, or official DiT/SiT weights); return their null-t steps."
     src = Path(cfg.finetune_from)
-    if src.is_dir(): model.load_state_dict((ck := load_checkpoint(src))['ema'] or ck['model'])
-    else: load_pretrained(src, model=model)
+    if not src.is_dir(): load_pretrained(src, model=model); return 0       # official weights: no null-t token
+    model.load_state_dict((ck := load_checkpoint(src))['ema'] or ck['model'])
+    return null_t_steps(ck['state'])
+
+def null_t_steps(state:dict)->int:
+    "Optimizer steps trained with noise-condition dropout, from a checkpoint's JSON state (older runs: their config)."
+    if 'null_t_steps' in state: return int(state['null_t_steps'])
+    return int(state.get('step', 0)) if (state.get('config', {}).get('p_drop') or 0) > 0 else 0
 
 # %% ../nbs/09_train.ipynb #fabf93e8
 @torch.no_grad()
@@ -190,11 +245,12 @@ def setup(cfg:TrainConfig, held:contextlib.ExitStack|None=None)->dict:
     model = build_model(cfg.model, **_model_options(cfg, ds))
     _check_fit(model, ds, cfg)
     pred = check_choice('pred', cfg.pred or model.pred, PRED_KINDS)
-    if cfg.finetune_from: _finetune_init(model, cfg)
+    trained_null_t = _finetune_init(model, cfg) if cfg.finetune_from else 0
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     run = {'cfg': cfg, 'device': device, 'rank': rank, 'world': world, 'ds': ds, 'model': model, 'ema': ema,
-           'opt': opt, 'pred': pred, 'path': get_interpolant(cfg.path), 'step': 0, 'skipped': 0}
+           'opt': opt, 'pred': pred, 'path': get_interpolant(cfg.path), 'step': 0, 'skipped': 0,
+           'null_t_steps': trained_null_t}
     if held is not None: _take_folder(run, held)      # every option checked: now make the folder and lock it
     _maybe_resume(run)
     model.to(device); ema.to(device)
@@ -217,6 +273,7 @@ def _resume_from(run:dict, ck:dict):
     run['model'].load_state_dict(ck['model']); run['ema'].load_state_dict(ck['ema'])
     run['opt'].load_state_dict(ck['optimizer'])
     run['step'], run['skipped'] = ck['state']['step'], ck['state'].get('skipped', 0)
+    run['null_t_steps'] = null_t_steps(ck['state'])
 
 def _take_folder(run:dict, held:contextlib.ExitStack):
     "Rank 0 makes the run folder and holds its lock; every process raises the same one-line error if it cannot."
@@ -234,6 +291,7 @@ def _trim_log(f:Path, step:int):
     if not lines or not lines[0].endswith('\n'): f.unlink(); return                  # not even a whole header
     keep = lines[:1] + [l for l in lines[1:] if l.endswith('\n') and l.split(',', 1)[0].isdigit() and int(l.split(',', 1)[0]) <= step]
     if keep != lines: f.with_name(f.name + '.tmp').write_text(''.join(keep)); os.replace(f.with_name(f.name + '.tmp'), f)
+
 
 # %% ../nbs/09_train.ipynb #070945d5
 class TrainingDiverged(RuntimeError):
@@ -286,7 +344,9 @@ def _checkpoint(run:dict):
     cfg = run['cfg']
     if run['rank'] == 0:
         save_checkpoint(cfg.out, run['step'], run['model'], run['ema'], run['opt'], keep=cfg.keep_checkpoints,
-                        state={'config': asdict(cfg), 'skipped': run['skipped'], 'pred': run['pred'], 'model_config': run['model'].config})
+                        state={'config': asdict(cfg), 'skipped': run['skipped'], 'pred': run['pred'],
+                               'model_config': run['model'].config,
+                               'null_t_steps': run['null_t_steps']})    # steps that trained the null-t token
     if run['world'] > 1: dist.barrier()
 
 def _log(run:dict, row:dict):
@@ -332,6 +392,7 @@ def _train(run:dict)->dict:
             wait = time.perf_counter() - t0                    # time spent waiting for this batch
             m = train_step(run, net, _to(batch, run['device']))
             run['step'] += 1; bar.update(1)
+            run['null_t_steps'] += int(cfg.p_drop > 0 and not m['skipped'])
             if run['rank'] == 0 and (run['step'] % cfg.log_every == 0 or run['step'] == cfg.steps):
                 _log(run, {'step': run['step'], **m, 'lr': cfg.lr, 'seconds': time.perf_counter() - t0,
                            'data_wait': wait})
@@ -381,6 +442,7 @@ def load_trained(path, # a run folder or one checkpoint folder
     ck = load_checkpoint(path)
     model = build_model(**ck['state']['model_config'])
     model.load_state_dict(ck[check_choice('which', which, ('ema', 'model'))] or ck['model'])
+    model.null_t_steps = null_t_steps(ck['state'])                      # 0: NAG through the null-t token is refused
     return model.to(device).eval(), ck['state']
 
 def import_pretrained(weights, # an official DiT/SiT weights file (.pt read with weights_only=True, or .safetensors)
@@ -392,7 +454,8 @@ def import_pretrained(weights, # an official DiT/SiT weights file (.pt read with
              load_pretrained(weights, t_embed=model_options.get('t_embed'))).model
     cfg = TrainConfig(dataset='latents', model=model.config['name'], model_options={k: v for k, v in model.config.items() if k != 'name'},
                       path=check_choice('path', path, INTERPOLANTS), out=str(out), finetune_from=str(weights))
-    return save_checkpoint(out, 0, model, model, None, state={'config': asdict(cfg), 'skipped': 0, 'pred': model.pred, 'model_config': model.config})
+    state = {'config': asdict(cfg), 'skipped': 0, 'pred': model.pred, 'model_config': model.config, 'null_t_steps': 0}
+    return save_checkpoint(out, 0, model, model, None, state=state)
 
 def training_report(out, t_bins:int=10, n_per_bin:int=256)->dict:
     "Loss curve (PNG) and, on a mixture, the per-t-bin oracle gaps (CSV, PNG) of the run in `out`."

@@ -67,10 +67,12 @@ def test_cfg_plus_nag_is_the_composition_in_one_forward():
     f_c, f_y, f_t = net(x, t, y=y), net(x, t, y=y, null_y=on), net(x, t, y=y, null_t=on)
     net.calls, net.batches = 0, []
     g = GuidedDenoiser(den, w_cfg=1.5, w_nag=0.75)
-    out = g(x, t, y=y)
+    rec = g.denoise(x, t, y=y)
+    out = rec.x0
     assert net.calls == 1 and net.batches == [3 * len(x)]             # one batched forward for three branches
     torch.testing.assert_close(out, den.to_x0(f_c + 1.5 * (f_c - f_y) + 0.75 * (f_c - f_t), x, t), rtol=1e-6, atol=1e-6)
-    assert torch.equal(g.last_branches['cond'], f_c) and torch.equal(g.last_branches['null_t'], f_t)
+    assert torch.equal(rec.branches['cond'], f_c) and torch.equal(rec.branches['null_t'], f_t)
+    assert torch.equal(g(x, t, y=y), out)                              # calling the wrapper gives the record's x0
     # each guidance alone: two branches, one forward
     net.calls, net.batches = 0, []
     torch.testing.assert_close(GuidedDenoiser(den, w_cfg=2.0)(x, t, y=y), den.to_x0(nag_mix(f_c, f_y, 2.0), x, t), rtol=1e-6, atol=1e-6)
@@ -234,3 +236,22 @@ def test_guided_step_reads_nothing_back_from_the_device_without_an_interval(monk
     def refuse(*a): raise AssertionError('a tensor was read back to the host')
     for name in ('__bool__', 'item', '__float__', '__int__'): monkeypatch.setattr(torch.Tensor, name, refuse)
     with torch.no_grad(): g(x, t, y=y)
+
+@torch.no_grad()
+def test_variance_values_reach_the_record_and_come_from_the_conditional_branch():
+    """A learned-sigma network's extra channels come back as `var_values`; under CFG + NAG they are the conditional
+    branch's (as in DiT's forward_with_cfg), not a mix, and DDPM's learned variance uses them."""
+    from nag_toolkit.samplers import sample_ddpm
+    net, (x, t, y) = FakeNet(pred='eps'), _batch()
+    sigma_net = lambda x, t, **k: torch.cat([net(x, t, **k), 0.5 * net(x, t, **k)], 1)   # v differs per branch
+    sigma_net.pred, sigma_net.pred_channels = 'eps', 4
+    cond = Denoiser(sigma_net, 'ddpm').denoise(x, t, y=y)
+    torch.testing.assert_close(cond.var_values, 0.5 * net(x, t, y=y))
+    guided = GuidedDenoiser(Denoiser(sigma_net, 'ddpm'), w_cfg=1.0, w_nag=0.5).denoise(x, t, y=y)
+    torch.testing.assert_close(guided.var_values, cond.var_values)
+    assert not torch.allclose(guided.x0, cond.x0)
+    ts = time_grid(5, 'ddpm')
+    run = lambda var: sample_ddpm(Denoiser(sigma_net, 'ddpm'), x, ts, extra_args={'y': y}, variance=var)
+    torch.manual_seed(0); a = run('learned')
+    torch.manual_seed(0); b = run('beta_tilde')
+    assert torch.isfinite(a).all() and not torch.allclose(a, b)

@@ -53,7 +53,7 @@ def test_sde_drift_with_zero_diffusion_is_the_ode_drift():
 
 def test_sbdm_diffusion_closed_form_on_linear_path():
     p, t = get_interpolant('linear'), torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
-    torch.testing.assert_close(p.diffusion_coef(t, 'sbdm'), 2 * t / (1 - t))   # g^2 = 2t + 2t^2/(1-t)
+    torch.testing.assert_close(p.diffusion_coef(t, 'sbdm'), t / (1 - t))   # SiT's D = g^2 / 2, g^2 = 2t + 2t^2/(1-t)
     torch.testing.assert_close(p.diffusion_coef(t, 'sigma', norm=2.0), 2 * t)
 
 def test_unknown_names_give_one_line_errors():

@@ -6,7 +6,7 @@ from nag_toolkit.core import ConfigError, sample_generators, randn_per_sample
 from nag_toolkit.interpolants import get_interpolant, respace
 from nag_toolkit.analytic import GaussianMixture
 from nag_toolkit.samplers import (time_grid, sde_grid, sample_euler, sample_heun, sample_ddpm, sample_ddim,
-                                  sample_euler_maruyama, sample_dpmpp_2m)
+                                  sample_euler_maruyama, sample_dpmpp_2m, sample_ode, Denoised)
 
 def _ring():
     "Eight Gaussians (std 0.2) on a circle of radius 2, weights proportional to 1..8."
@@ -149,8 +149,11 @@ def test_generators_must_match_the_batch():
 
 def test_bad_options_are_one_line_errors():
     x = torch.zeros(2, 2)
-    with pytest.raises(ConfigError, match="variance='learned'"): sample_ddpm(_elementwise, x, variance='learned')
-    with pytest.raises(ConfigError, match="last_step='euler'"): sample_euler_maruyama(_elementwise, x, time_grid(3), last_step='euler')
+    with pytest.raises(ConfigError, match="variance='learned' needs a network with learned sigma"):
+        sample_ddpm(_elementwise, x, variance='learned')
+    with pytest.raises(ConfigError, match="variance='small'"): sample_ddpm(_elementwise, x, variance='small')
+    with pytest.raises(ConfigError, match="last_step='heun'"):
+        sample_euler_maruyama(_elementwise, x, time_grid(3), last_step='heun')
     with pytest.raises(ConfigError, match='eta=-1'): sample_ddim(_elementwise, x, time_grid(3), eta=-1)
     with pytest.raises(ConfigError, match='needs a discrete path'): sample_ddpm(_elementwise, x, path='linear')
 
@@ -173,11 +176,9 @@ def test_euler_maruyama_last_steps():
     assert not torch.equal(one(0, None), one(1, None))
 
 class _WithBranches:
-    "A denoiser that exposes its branch outputs, as guidance wrappers do."
-    last_branches = None
+    "A denoiser that returns its branch outputs in its record, as guidance wrappers do (a plain callable)."
     def __call__(self, x, t):
-        self.last_branches = {'cond': x * 0 + t[:, None]}
-        return x * 0.5
+        return Denoised(x * 0.5, branches={'cond': x * 0 + t[:, None]})
 
 ALL = [(sample_euler, 'linear', {}), (sample_heun, 'linear', {}), (sample_dpmpp_2m, 'linear', {}), (sample_ddim, 'linear', {}),
        (sample_ddpm, 'ddpm', {'generators': sample_generators(0, range(3))}),
@@ -278,3 +279,17 @@ def test_interval_guidance_decided_on_the_host_equals_the_per_sample_masks():
         for t in (0.1, 0.4, 0.9):
             with torch.no_grad():
                 torch.testing.assert_close(w(x, torch.tensor(t, dtype=torch.float64), y=y), w(x, torch.full((5,), t), y=y))
+
+def test_sample_ode_counts_evaluations_and_refuses_unknown_methods():
+    """torchdiffeq's fixed-step Euler on the grid is sample_euler (one evaluation per step, in SiT's time); dopri5
+    reports its evaluations in every callback; an unknown method is a one-line ConfigError."""
+    den = lambda x, t: GM.denoise(x, t, 'linear')
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ts, seen = time_grid(8, t_max=0.999), []
+    a = sample_ode(den, x, ts, 'linear', method='euler', callback=seen.append)
+    torch.testing.assert_close(a, sample_euler(den, x, ts, 'linear'), rtol=1e-10, atol=1e-10)
+    assert [d['i'] for d in seen] == list(range(8)) and seen[-1]['nfe'] == 8
+    seen = []
+    sample_ode(den, x, time_grid(4, t_max=0.999), 'linear', callback=seen.append)
+    assert len(seen) == 4 and seen[-1]['nfe'] > 6 and len({d['nfe'] for d in seen}) == 1
+    with pytest.raises(ConfigError, match="method='lms' is not a torchdiffeq method"): sample_ode(den, x, ts, method='lms')

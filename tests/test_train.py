@@ -132,6 +132,8 @@ def test_finetune_from_an_official_layout_dit_file(tmp_path):
     assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if k != NULL_T_KEY)
     T.train(cfg)
     assert _weights(tmp_path / 'ft')[2] == 2
+    assert load_checkpoint(tmp_path / 'ft')['state']['null_t_steps'] == 2     # the run folder records it
+    assert T.load_trained(tmp_path / 'ft')[0].null_t_steps == 2
 
 def test_import_pretrained_makes_a_run_folder_that_sampling_reads(tmp_path):
     """Official-layout weights become a nag_toolkit run (step 0, EMA = the weights) that load_trained rebuilds."""
@@ -143,6 +145,7 @@ def test_import_pretrained_makes_a_run_folder_that_sampling_reads(tmp_path):
     assert state['step'] == 0 and state['pred'] == 'eps' and state['config']['path'] == 'ddpm'
     sd = model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if k != NULL_T_KEY)
+    assert state['null_t_steps'] == 0 and model.null_t_steps == 0
 
 
 # --- real datasets: image folders, torchvision sets, memory-mapped latent shards ------------------------------------
@@ -254,3 +257,19 @@ def test_ddp_on_images_trains_like_one_process(tmp_path, source):
     gap = sum((m2[k] - m1[k]).norm()**2 for k in m1).sqrt()          # how far the two-process run is from one process
     print(f'{source}: moved {moved:.3g}, gap {gap:.3g}')
     assert gap < 0.05 * moved
+
+def test_nag_through_an_untrained_null_t_token_is_refused_on_one_line(tmp_path):
+    "Official weights (no null-t token): NAG is refused, naming the recipe; CFG is not; once fine-tuned, allowed."
+    from nag_toolkit.models import build_model, NULL_T_KEY, load_pretrained
+    from nag_toolkit.guidance import Denoiser, GuidedDenoiser
+    src = build_model('DiT-S/8', input_size=8, num_classes=10)
+    torch.save({k: v for k, v in src.state_dict().items() if k != NULL_T_KEY}, tmp_path / 'w.pt')
+    m = load_pretrained(tmp_path / 'w.pt').model
+    with pytest.raises(ConfigError, match='w_nag=2.0 needs a trained null-t token') as e:
+        GuidedDenoiser(Denoiser(m, 'ddpm'), w_nag=2.0)
+    assert '\n' not in str(e.value) and 'p_drop 0.2' in str(e.value) and 'lr 1e-5' in str(e.value)
+    GuidedDenoiser(Denoiser(m, 'ddpm'), w_cfg=1.5)                            # CFG needs no null-t token
+    m.null_t_steps = 300
+    GuidedDenoiser(Denoiser(m, 'ddpm'), w_nag=2.0)
+    T.train({**SMALL, 'steps': 3, 'p_drop': 0.0, 'out': str(tmp_path / 'nodrop')})
+    assert T.load_trained(tmp_path / 'nodrop')[0].null_t_steps == 0           # trained without dropout: refused too
