@@ -13,20 +13,23 @@ from typing import Callable
 import torch, pandas as pd
 import matplotlib
 import matplotlib.pyplot as plt
-from .core import ConfigError, check_choice, check_range, config_from_dict, sample_generators, randn_per_sample
+from .core import (ConfigError, check_choice, check_range, config_from_dict, sample_generators,
+                              randn_per_sample)
 from .core import check_out_dir, RunLock, progress
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, run_sampler, start_state, time_grid
-from .guidance import Denoiser, GuidedDenoiser, ClassifierNAG, EpsScaling, TimeShift, MixtureModel, interp_log_posterior
+from .guidance import (Denoiser, GuidedDenoiser, ClassifierNAG, EpsScaling, TimeShift, MixtureModel,
+                                  interp_log_posterior)
 from .train import TrainConfig, train, training_report, load_trained
 from .estimator import build_estimator, train_estimator, save_estimator, load_estimator, calibration
-from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table, mixture_reference,
-                               dataset_reference, fit_error_scale, predicted_shift, plot_posterior_heatmap, plot_shift_curves)
-from .metrics import (mixture_metrics, load_feature_extractor, extract_features, reference_features, metric_layers,
-                                 as_images, _feature_metrics)
-from .intervals import (boot_indices, mixture_boot, image_boot, low_t_shift, add_intervals, pool_seeds, MIXTURE_BOOT,
-                                   IMAGE_BOOT)
+from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table,
+                               mixture_reference, dataset_reference, fit_error_scale, predicted_shift,
+                               plot_posterior_heatmap, plot_shift_curves)
+from .metrics import (mixture_metrics, load_feature_extractor, extract_features, reference_features,
+                                 metric_layers, as_images, _feature_metrics)
+from .intervals import (boot_indices, mixture_boot, image_boot, low_t_shift, add_intervals, pool_seeds,
+                                   MIXTURE_BOOT, IMAGE_BOOT)
 
 # %% auto #0
 __all__ = ['STUDY_DATASETS', 'BUILDERS', 'SHIFT_METHODS', 'CELL', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER', 'SAMPLER_NAMES',
@@ -42,7 +45,8 @@ __all__ = ['STUDY_DATASETS', 'BUILDERS', 'SHIFT_METHODS', 'CELL', 'HEADLINE', 'H
 class StudyConfig:
     "Everything the study depends on; `StudyConfig.from_dict` validates it."
     out: str = 'runs/study'         # the report folder
-    dataset: str = 'gmm32'          # a mixture preset (exact metrics and posterior), or 'digits' (image metrics, estimated posterior)
+    # a mixture preset (exact metrics and posterior), or 'digits' (image metrics, estimated posterior)
+    dataset: str = 'gmm32'
     path: str = 'linear'
     train_steps: int = 2000         # denoiser training (MLP, noise-condition dropout)
     batch_size: int = 256
@@ -52,8 +56,10 @@ class StudyConfig:
     n_shift: int = 256              # samples whose trajectories are read for the shift
     steps: list = field(default_factory=lambda: [8, 32])            # sweep step counts
     shift_steps: list = field(default_factory=lambda: [8, 16, 32, 64, 128, 250])   # shift against steps
-    samplers: list = field(default_factory=lambda: ['euler', 'euler_maruyama'])   # 'heun' and 'dpmpp_2m' too, on request
-    w_nag: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])   # classifier-free NAG weights (the full map: `--full`)
+    # 'heun' and 'dpmpp_2m' too, on request
+    samplers: list = field(default_factory=lambda: ['euler', 'euler_maruyama'])
+    # classifier-free NAG weights (the full map: `--full`)
+    w_nag: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     w_cb: list = field(default_factory=lambda: [0.5, 1.0])               # classifier-based NAG weights
     baselines: bool = True          # run epsilon scaling and the time-shift sampler too
     exact: bool = True              # on a mixture, run the exact score and the exact NAGs too
@@ -61,8 +67,10 @@ class StudyConfig:
     n_boot: int = 100               # bootstrap resamples of every interval
     sw2_proj: int = 32              # random directions of the sliced W2 (the same for every run)
     level: float = 0.95             # the intervals' level
-    seeds: int = 1                  # independently trained denoisers and estimators (seed, seed + 1, ...), pooled in the intervals
-    models: list = field(default_factory=list)   # denoiser qualities to compare (training steps each): one study each and the map
+    # independently trained denoisers and estimators (seed, seed + 1, ...), pooled in the intervals
+    seeds: int = 1
+    # denoiser qualities to compare (training steps each): one study each and the map
+    models: list = field(default_factory=list)
     seed: int = 0
     notebooks: bool = True          # run the pipeline notebooks through papermill (else in-process)
 
@@ -73,7 +81,8 @@ def study_from_dict(d:dict)->StudyConfig:
     cfg = config_from_dict(StudyConfig, d, 'study option')
     check_choice('dataset', cfg.dataset, STUDY_DATASETS); check_choice('path', cfg.path, INTERPOLANTS)
     for s in cfg.samplers: check_choice('samplers', s, SAMPLERS)
-    for name in ('train_steps', 'estimator_steps', 'n_samples', 'n_shift', 'batch_size', 'seeds', 'sw2_proj'): check_range(name, getattr(cfg, name), 1)
+    for name in ('train_steps', 'estimator_steps', 'n_samples', 'n_shift', 'batch_size', 'seeds', 'sw2_proj'):
+        check_range(name, getattr(cfg, name), 1)
     check_range('n_boot', cfg.n_boot, 20); check_range('level', cfg.level, 0, 1, lo_open=True, hi_open=True)
     check_range('p_drop', cfg.p_drop, 0, 1, hi_open=True)
     for n in cfg.models: check_range('models', n, 1)
@@ -87,37 +96,43 @@ def _model(cfg:StudyConfig)->str: return 'digits' if cfg.dataset == 'digits' els
 def stage_train(cfg:StudyConfig)->Path:
     "Train the denoiser with noise-condition dropout in out/denoiser and write its report."
     out = Path(cfg.out) / 'denoiser'
-    train(TrainConfig(dataset=cfg.dataset, model=_model(cfg), path=cfg.path, steps=cfg.train_steps, batch_size=cfg.batch_size, p_drop=cfg.p_drop,
-                      seed=cfg.seed, log_every=max(1, cfg.train_steps // 40), ckpt_every=cfg.train_steps, out=str(out)))
+    train(TrainConfig(dataset=cfg.dataset, model=_model(cfg), path=cfg.path, steps=cfg.train_steps,
+                      batch_size=cfg.batch_size, p_drop=cfg.p_drop, seed=cfg.seed,
+                      log_every=max(1, cfg.train_steps // 40), ckpt_every=cfg.train_steps, out=str(out)))
     training_report(out, t_bins=10, n_per_bin=128)
     return out
 
 def stage_estimator(cfg:StudyConfig)->Path:
-    "Train g(t | x) on forward states of the dataset in out/estimator; write its calibration against the exact posterior."
+    ("Train g(t | x) on forward states of the dataset in out/estimator; "
+     "write its calibration against the exact posterior.")
     out = Path(cfg.out) / 'estimator'
     ds = get_dataset(cfg.dataset)
     torch.manual_seed(cfg.seed)
     est = build_estimator(ds.shape, bins=100)
     train_estimator(est, ds, cfg.path, steps=cfg.estimator_steps, seed=cfg.seed)
     save_estimator(est, out)
-    cal = calibration(est, get_mixture(cfg.dataset), cfg.path, t_bins=10, n_per_bin=256) if cfg.dataset in MIXTURES else forward_check(est, ds, cfg.path)
+    cal = (calibration(est, get_mixture(cfg.dataset), cfg.path, t_bins=10, n_per_bin=256) if cfg.dataset in MIXTURES
+           else forward_check(est, ds, cfg.path))
     cal.to_csv(out / 'calibration.csv', index=False)
     return out
 
 @torch.no_grad()
 def forward_check(est, ds, path, t_bins:int=10, n_per_bin:int=256, seed:int=0)->pd.DataFrame:
-    "Where no exact posterior exists: per t-bin, mean |E_g[t|x] - t| on forward states (an upper bound on its error plus the posterior's own width)."
+    ("Where no exact posterior exists: per t-bin, mean |E_g[t|x] - t| on forward states "
+     "(an upper bound on its error plus the posterior's own width).")
     ref, g, rows = dataset_reference(ds, path, seed), torch.Generator().manual_seed(seed), []
     for i in range(t_bins):
         lo, hi = i / t_bins, (i + 1) / t_bins
         t = lo + (hi - lo) * torch.rand(n_per_bin, generator=g)
-        rows.append({'t_lo': lo, 't_hi': hi, 'mean_abs_gap': (est.mean(ref(n_per_bin, t)) - t).abs().mean().item(), 'kl': float('nan')})
+        rows.append({'t_lo': lo, 't_hi': hi, 'mean_abs_gap': (est.mean(ref(n_per_bin, t)) - t).abs().mean().item(),
+                     'kl': float('nan')})
     return pd.DataFrame(rows)
 
 # %% ../nbs/15_study.ipynb #644bb5e2
 @dataclass(frozen=True)
 class Method:
-    "One method of the sweep: its name in the tables, its family, its guidance weight, and how to build its x0 denoiser."
+    ("One method of the sweep: its name in the tables, its family, its guidance weight, "
+     "and how to build its x0 denoiser.")
     name: str
     family: str
     w: float
@@ -147,7 +162,8 @@ def method(family:str, w:float|None=None, name:str|None=None)->Method:
     return Method(name or f'{family} w={w:g}', family, float(w), partial(BUILDERS[family], w=float(w)))
 
 def study_methods(cfg:StudyConfig)->list:
-    "Every method of the sweep, in table order: the exact ones (mixtures), the floor, no guidance, the baselines, the NAGs."
+    ("Every method of the sweep, in table order: the exact ones (mixtures), the floor, no guidance, "
+     "the baselines, the NAGs.")
     exact = [method('exact', name='exact score'), method('exact cf-NAG', 1.0), method('exact cb-NAG', 1.0)]
     base = [method('eps scaling'), method('time shift')] if cfg.baselines else []
     return ((exact if cfg.dataset in MIXTURES and cfg.exact else []) + [method('floor'), method('none')] + base
@@ -155,7 +171,8 @@ def study_methods(cfg:StudyConfig)->list:
 
 def start_noise(cfg:StudyConfig, n:int, shape)->torch.Tensor:
     "The shared starting states at t = 1: one generator per sample, seeded by (seed, index)."
-    eps = randn_per_sample(tuple(shape) if not isinstance(shape, int) else (shape,), sample_generators(cfg.seed, range(n)))
+    eps = randn_per_sample(tuple(shape) if not isinstance(shape, int) else (shape,),
+                           sample_generators(cfg.seed, range(n)))
     return start_state(eps, cfg.path, 1.0)
 
 # %% ../nbs/15_study.ipynb #d28efe61
@@ -172,7 +189,8 @@ class Scorer:
             self.layers = metric_layers('nag-digits')
 
     def rows(self, n:int, which:int=0)->torch.Tensor:
-        "The bootstrap rows of a set of n items (which = 0: samples, 1: reference, 2: shift states, 3: their reference)."
+        ("The bootstrap rows of a set of n items "
+         "(which = 0: samples, 1: reference, 2: shift states, 3: their reference).")
         return boot_indices(n, self.cfg.n_boot, self.cfg.seed + 5 + which)
 
     def floor(self, n:int)->torch.Tensor:
@@ -186,7 +204,8 @@ class Scorer:
             n = len(x0)
             ref = self.refs.setdefault(n, self.gm.sample(n, generator=torch.Generator().manual_seed(self.cfg.seed + 2)))
             k = self.cfg.sw2_proj
-            return mixture_metrics(self.gm, x0, ref, n_proj=k), mixture_boot(self.gm, x0, ref, self.rows(n), self.rows(n, 1), n_proj=k)
+            return (mixture_metrics(self.gm, x0, ref, n_proj=k),
+                    mixture_boot(self.gm, x0, ref, self.rows(n), self.rows(n, 1), n_proj=k))
         f = extract_features(self.fe, as_images(x0.clamp(-1, 1)))
         point = _feature_metrics(f, self.ref_feats, self.layers, min(1000, len(x0)), 20, 3, 2020)
         r = self.ref_feats[self.layers['fid']]
@@ -208,7 +227,8 @@ def _shift_boot(rec, post, ref, scorer)->tuple:
 
 def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dict, scorer:Scorer)->tuple:
     "(row, shift rows, bootstrap values) of one (method, sampler, steps) run."
-    rec, keep = TrajectoryRecorder(stride=max(1, steps // 32)), cfg.n_shift   # at most ~32 states per trajectory are read
+    # at most ~32 states per trajectory are read
+    rec, keep = TrajectoryRecorder(stride=max(1, steps // 32)), cfg.n_shift
     cb = lambda d: rec({**d, 'x': d['x'][:keep]})
     gens = sample_generators(cfg.seed + 1, range(len(x1))) if SAMPLERS[sampler].stochastic else None
     floor = _floor_sampler(scorer.floor(len(x1)), refs['floor']) if m.family == 'floor' else None
@@ -220,15 +240,18 @@ def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dic
     shift_rows = []
     for pname, post in posts.items():
         df, heat = shift_stats(rec, post, refs[pname])
-        shift_rows.append(df.assign(posterior=pname, **key)); refs.setdefault('_heat', {})[(m.name, sampler, steps, pname)] = heat
+        shift_rows.append(df.assign(posterior=pname, **key))
+        refs.setdefault('_heat', {})[(m.name, sampler, steps, pname)] = heat
     pname = next(iter(posts))                  # the primary posterior: exact where there is one
     point, boots = scorer.measure(x0)
     boots['excess_shift_low_t'] = (b := _shift_boot(rec, posts[pname], refs[pname], scorer))[1]
-    row = {**key, **point, 'excess_shift': shift_rows[0].excess_shift.mean(), 'excess_shift_low_t': b[0], 'seconds': secs}
+    row = {**key, **point, 'excess_shift': shift_rows[0].excess_shift.mean(), 'excess_shift_low_t': b[0],
+           'seconds': secs}
     return row, pd.concat(shift_rows), boots, x0
 
 # %% ../nbs/15_study.ipynb #3a6fc335
-SHIFT_METHODS = ('floor', 'none', 'exact score', 'exact cf-NAG w=1', 'cf-NAG w=1')   # the shift against steps, up to 250
+# the shift against steps, up to 250
+SHIFT_METHODS = ('floor', 'none', 'exact score', 'exact cf-NAG w=1', 'cf-NAG w=1')
 CELL = ['sampler', 'steps', 'n_samples']   # runs of one cell start from the same noise: their differences are paired
 
 def _cached_reference(reference):
@@ -241,15 +264,17 @@ def _cached_reference(reference):
     return ref
 
 def _jobs(cfg:StudyConfig, names)->list:
-    "(method, sampler, steps, n) of every run: the sweep, then the shift against steps (only the states read for the shift)."
+    ("(method, sampler, steps, n) of every run: the sweep, then the shift against steps "
+     "(only the states read for the shift).")
     jobs = [(n, s, k, cfg.n_samples) for s in cfg.samplers for k in cfg.steps for n in names]
-    return jobs + [(n, 'euler', k, cfg.n_shift) for k in cfg.shift_steps if k not in cfg.steps for n in SHIFT_METHODS if n in names]
+    return jobs + [(n, 'euler', k, cfg.n_shift) for k in cfg.shift_steps if k not in cfg.steps
+                   for n in SHIFT_METHODS if n in names]
 
 def _context(cfg:StudyConfig, ds, gm)->SimpleNamespace:
     "What the methods are built from: the learned denoiser and estimator, the mixture (or None), the path."
     model, _ = load_trained(Path(cfg.out) / 'denoiser')
-    return SimpleNamespace(cfg=cfg, den=Denoiser(model, cfg.path), est=load_estimator(Path(cfg.out) / 'estimator'), gm=gm,
-                           path=get_interpolant(cfg.path), data_var=ds.x.pow(2).mean().item())
+    return SimpleNamespace(cfg=cfg, den=Denoiser(model, cfg.path), est=load_estimator(Path(cfg.out) / 'estimator'),
+                           gm=gm, path=get_interpolant(cfg.path), data_var=ds.x.pow(2).mean().item())
 
 def _posteriors(name:str, sampler:str, mix:bool, gm, cfg, post_g)->dict:
     "The posteriors a run is read with: the exact one first on a mixture (and g for two runs), g alone on images."
@@ -258,13 +283,16 @@ def _posteriors(name:str, sampler:str, mix:bool, gm, cfg, post_g)->dict:
     return posts
 
 def stage_evaluate(cfg:StudyConfig)->dict:
-    "Sweep every method x sampler x steps and the shift against steps; write results.csv (with intervals) and shift.csv."
+    ("Sweep every method x sampler x steps and the shift against steps; "
+     "write results.csv (with intervals) and shift.csv.")
     out, mix = Path(cfg.out), cfg.dataset in MIXTURES
     ds, gm = get_dataset(cfg.dataset), (get_mixture(cfg.dataset) if mix else None)
     ctx, methods = _context(cfg, ds, gm), {m.name: m for m in study_methods(cfg)}
-    dens, x1, scorer = {k: m.build(ctx) for k, m in methods.items()}, start_noise(cfg, cfg.n_samples, ds.shape), Scorer(cfg, ds, gm)
+    dens, x1 = {k: m.build(ctx) for k, m in methods.items()}, start_noise(cfg, cfg.n_samples, ds.shape)
+    scorer = Scorer(cfg, ds, gm)
     forward = (lambda s: mixture_reference(gm, cfg.path, s)) if mix else (lambda s: dataset_reference(ds, cfg.path, s))
-    refs = {'exact': _cached_reference(forward(cfg.seed + 3)), 'g': _cached_reference(forward(cfg.seed + 3)), 'floor': forward(cfg.seed + 9)}
+    refs = {'exact': _cached_reference(forward(cfg.seed + 3)), 'g': _cached_reference(forward(cfg.seed + 3)),
+            'floor': forward(cfg.seed + 9)}
     rows, shifts, boots, grids, post_g = [], [], [], {}, EstimatedPosterior(ctx.est)
     for name, sampler, steps, n in progress(_jobs(cfg, list(methods)), desc='sweep'):
         posts = _posteriors(name, sampler, mix, gm, cfg, post_g)
@@ -274,7 +302,8 @@ def stage_evaluate(cfg:StudyConfig)->dict:
     res, sh = add_intervals(pd.DataFrame(rows), boots, CELL, level=cfg.level), pd.concat(shifts)
     res.to_csv(out / 'results.csv', index=False); sh.to_csv(out / 'shift.csv', index=False)
     torch.save({'boots': boots, 'grids': grids}, out / 'boots.pt')
-    tbin_table(sh, ['method', 'family', 'w', 'sampler', 'steps', 'posterior']).to_csv(out / 'shift_by_tbin.csv', index=False)
+    tbin_table(sh, ['method', 'family', 'w', 'sampler', 'steps', 'posterior']).to_csv(out / 'shift_by_tbin.csv',
+                                                                                        index=False)
     return {'results': res, 'shift': sh, 'heat': refs['_heat'], 'grids': grids}
 
 # %% ../nbs/15_study.ipynb #e2498ebe
@@ -283,47 +312,59 @@ def _primary(sh:pd.DataFrame)->str:
     return 'exact' if (sh.posterior == 'exact').any() else 'g'
 
 def fig_shift_vs_steps(sh:pd.DataFrame):
-    "Mean excess shift (t <= 0.5) against steps: learned and exact, with and without classifier-free NAG (Euler, exact posterior)."
+    ("Mean excess shift (t <= 0.5) against steps: learned and exact, with and without classifier-free NAG "
+     "(Euler, exact posterior).")
     d = sh[(sh.sampler == 'euler') & (sh.posterior == _primary(sh)) & (sh.t <= 0.5) & sh.method.isin(SHIFT_METHODS)]
     g = d.groupby(['method', 'steps']).excess_shift.mean().reset_index()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for m, dd in g.groupby('method'): ax.plot(dd.steps, dd.excess_shift, 'o-', label=m)
-    ax.axhline(0, color='k', lw=0.5); ax.set(xscale='log', xlabel='sampling steps (Euler ODE)', ylabel='mean excess shift, t <= 0.5', title='noise shift against steps')
+    ax.axhline(0, color='k', lw=0.5)
+    ax.set(xscale='log', xlabel='sampling steps (Euler ODE)', ylabel='mean excess shift, t <= 0.5',
+           title='noise shift against steps')
     ax.legend(fontsize=7); fig.tight_layout()
     return fig
 
 def fig_heatmaps(heat:dict, sh:pd.DataFrame, steps:int):
-    "The Fig. 1 heatmaps for the learned model (Euler): exact posterior and the estimator g, and with classifier-free NAG."
-    keys = [('none', 'euler', steps, 'exact'), ('none', 'euler', steps, 'g'), ('cf-NAG w=1', 'euler', steps, 'exact'), ('cf-NAG w=1', 'euler', steps, 'g')]
+    ("The Fig. 1 heatmaps for the learned model (Euler): exact posterior and the estimator g, "
+     "and with classifier-free NAG.")
+    keys = [('none', 'euler', steps, 'exact'), ('none', 'euler', steps, 'g'),
+            ('cf-NAG w=1', 'euler', steps, 'exact'), ('cf-NAG w=1', 'euler', steps, 'g')]
     keys = [k for k in keys if k in heat][:3]
     fig, axs = plt.subplots(1, len(keys), figsize=(4.3 * len(keys), 3.6), squeeze=False)
     for ax, k in zip(axs[0], keys):
         d = sh[(sh.method == k[0]) & (sh.sampler == k[1]) & (sh.steps == k[2]) & (sh.posterior == k[3])]
-        grid = torch.linspace(0.0025, 0.9975, heat[k].shape[1]) if k[3] == 'exact' else torch.linspace(0.005, 0.995, heat[k].shape[1])
+        grid = (torch.linspace(0.0025, 0.9975, heat[k].shape[1]) if k[3] == 'exact'
+                else torch.linspace(0.005, 0.995, heat[k].shape[1]))
         plot_posterior_heatmap(heat[k], list(d.t), grid, f'{k[0]}, {k[2]} steps, {k[3]} posterior', ax=ax)
     fig.tight_layout()
     return fig
 
 def fig_shift_curves(sh:pd.DataFrame, steps:int):
     "Excess shift against t for no guidance and classifier-free NAG weights (Euler, exact posterior)."
-    d = sh[(sh.sampler == 'euler') & (sh.steps == steps) & (sh.posterior == _primary(sh)) & ((sh.family == 'cf-NAG') | (sh.method.isin(['none', 'exact score'])))]
-    return plot_shift_curves(d, by='method', value='excess_shift', title=f'excess shift along sampling (Euler, {steps} steps)')
+    d = sh[(sh.sampler == 'euler') & (sh.steps == steps) & (sh.posterior == _primary(sh))
+           & ((sh.family == 'cf-NAG') | (sh.method.isin(['none', 'exact score'])))]
+    return plot_shift_curves(d, by='method', value='excess_shift',
+                             title=f'excess shift along sampling (Euler, {steps} steps)')
 
 def fig_samplers(sh:pd.DataFrame, steps:int):
     "ODE against SDE: excess shift along sampling for the learned model and the exact score, per sampler."
     d = sh[(sh.steps == steps) & (sh.posterior == _primary(sh)) & sh.method.isin(['none', 'exact score'])]
-    return plot_shift_curves(d.assign(label=d.method + ', ' + d.sampler), by='label', value='excess_shift', title=f'ODE vs SDE ({steps} steps)')
+    return plot_shift_curves(d.assign(label=d.method + ', ' + d.sampler), by='label', value='excess_shift',
+                             title=f'ODE vs SDE ({steps} steps)')
 
 def fig_metrics_vs_w(res:pd.DataFrame):
-    "The two-sided metric and its two sides against the guidance weight, with intervals (fewest steps); grey: the floor."
+    ("The two-sided metric and its two sides against the guidance weight, with intervals (fewest steps); "
+     "grey: the floor.")
     d = res[(res.steps == res.steps.min()) & (res.n_samples == res.n_samples.max())]
     fig, axs = plt.subplots(1, 3, figsize=(13, 3.4))
     for ax, col in zip(axs, ('fd', 'coverage_tv', 'nll_gap') if 'fd' in d else ('fid', 'precision', 'recall')):
         for (fam, smp), dd in d[d.family.isin(['cf-NAG', 'cb-NAG'])].groupby(['family', 'sampler']):
             dd = pd.concat([d[(d.method == 'none') & (d.sampler == smp)], dd])
-            ax.errorbar(dd.w, dd[col], yerr=[dd[col] - dd[f'{col}_lo'], dd[f'{col}_hi'] - dd[col]], fmt='o-', capsize=2, label=f'{fam}, {smp}')
+            ax.errorbar(dd.w, dd[col], yerr=[dd[col] - dd[f'{col}_lo'], dd[f'{col}_hi'] - dd[col]], fmt='o-', capsize=2,
+                        label=f'{fam}, {smp}')
         if (d.method == 'floor').any():
-            fl = d[d.method == 'floor'].iloc[0]; ax.axhspan(fl[f'{col}_lo'], fl[f'{col}_hi'], color='0.85', label='floor')
+            fl = d[d.method == 'floor'].iloc[0]
+            ax.axhspan(fl[f'{col}_lo'], fl[f'{col}_hi'], color='0.85', label='floor')
         ax.set(xlabel='guidance weight w', title=f'{col} at {d.steps.min()} steps')
     axs[0].legend(fontsize=7); fig.tight_layout()
     return fig
@@ -334,17 +375,22 @@ def fig_statement1(sh:pd.DataFrame, path:str, steps:int):
     s_e = fit_error_scale(d.t, d.excess_shift, path)
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot(d.t, d.excess_shift, 'o-', label='measured (excess)')
-    tt = torch.linspace(0.01, 0.99, 100); ax.plot(tt, predicted_shift(tt, s_e, path), 'k:', label=f'Statement 1, s_e = {s_e:.3f}')
-    ax.axhline(0, color='k', lw=0.5); ax.set(xlabel='scheduled t', ylabel='shift', title=f'Statement 1 fit (Euler, {steps} steps)'); ax.legend(fontsize=7); fig.tight_layout()
+    tt = torch.linspace(0.01, 0.99, 100)
+    ax.plot(tt, predicted_shift(tt, s_e, path), 'k:', label=f'Statement 1, s_e = {s_e:.3f}')
+    ax.axhline(0, color='k', lw=0.5)
+    ax.set(xlabel='scheduled t', ylabel='shift', title=f'Statement 1 fit (Euler, {steps} steps)')
+    ax.legend(fontsize=7); fig.tight_layout()
     return fig, s_e
 
 # %% ../nbs/15_study.ipynb #78e1c8b9
 HEADLINE = ['fd', 'sw2', 'mmd2', 'nll_gap', 'coverage_tv', 'excess_shift_low_t']             # mixtures
 HEADLINE_IMAGES = ['fid', 'precision', 'recall', 'excess_shift_low_t']                       # digits
-BETTER = {'fd': -1, 'sw2': -1, 'mmd2': -1, 'coverage_tv': -1, 'fid': -1, 'precision': 1, 'recall': 1}  # the sign of "better"
+# the sign of "better"
+BETTER = {'fd': -1, 'sw2': -1, 'mmd2': -1, 'coverage_tv': -1, 'fid': -1, 'precision': 1, 'recall': 1}
 
 def verdict(metric:str, lo:float, hi:float)->str:
-    "'better' or 'worse' ('lower' or 'higher' for a metric without a better side) where [lo, hi] excludes 0, else 'no difference'."
+    ("'better' or 'worse' ('lower' or 'higher' for a metric without a better side) where [lo, hi] excludes 0, "
+     "else 'no difference'.")
     if not (lo > 0 or hi < 0): return 'no difference' if lo == lo and hi == hi else 'n/a'
     up = lo > 0
     if metric not in BETTER: return 'higher' if up else 'lower'
@@ -356,44 +402,53 @@ def fmt(v:float, lo:float, hi:float, sign:str='')->str:
 
 def _cell(res:pd.DataFrame, sampler:str, steps:int)->pd.DataFrame:
     "The runs of one sampler and step count (the full sample size), one row per method, the floor first."
-    d = res[(res.sampler == sampler) & (res.steps == steps) & (res.n_samples == res.n_samples.max())].set_index('method')
+    d = res[(res.sampler == sampler) & (res.steps == steps)
+            & (res.n_samples == res.n_samples.max())].set_index('method')
     return d.loc[sorted(d.index, key=lambda m: m != 'floor')]
 
 def headline(res:pd.DataFrame, sampler:str='euler', steps:int|None=None, deltas:bool=False)->pd.DataFrame:
-    "One row per method: each headline metric with its interval, or (`deltas`) its paired difference against no guidance and the verdict."
+    ("One row per method: each headline metric with its interval, "
+     "or (`deltas`) its paired difference against no guidance and the verdict.")
     d = _cell(res, sampler, res.steps.min() if steps is None else steps)
     cols = [c for c in (HEADLINE if 'fd' in res else HEADLINE_IMAGES) if f'{c}_lo' in d]
-    if not deltas: return pd.DataFrame({c: [fmt(*r) for r in d[[c, f'{c}_lo', f'{c}_hi']].values] for c in cols}, index=d.index)
+    if not deltas:
+        return pd.DataFrame({c: [fmt(*r) for r in d[[c, f'{c}_lo', f'{c}_hi']].values] for c in cols}, index=d.index)
     dd = d.drop(index='none')
-    return pd.DataFrame({c: [f'{fmt(*r, sign="+")} {verdict(c, *r[1:])}' for r in dd[[f'delta_{c}', f'delta_{c}_lo', f'delta_{c}_hi']].values]
+    return pd.DataFrame({c: [f'{fmt(*r, sign="+")} {verdict(c, *r[1:])}'
+                             for r in dd[[f'delta_{c}', f'delta_{c}_lo', f'delta_{c}_hi']].values]
                          for c in cols}, index=dd.index)
 
 def md_table(df:pd.DataFrame)->str:
     "A Markdown table (no extra dependency)."
     cols = [df.index.name or ''] + list(df.columns)
     lines = ['| ' + ' | '.join(map(str, cols)) + ' |', '|' + '---|' * len(cols)]
-    for i, r in df.iterrows(): lines.append('| ' + ' | '.join([str(i)] + [f'{v:.4g}' if isinstance(v, float) else str(v) for v in r]) + ' |')
+    for i, r in df.iterrows():
+        lines.append('| ' + ' | '.join([str(i)] + [f'{v:.4g}' if isinstance(v, float) else str(v) for v in r]) + ' |')
     return '\n'.join(lines)
 
 # %% ../nbs/15_study.ipynb #bb7075c3
 SAMPLER_NAMES = {'euler': 'Euler', 'heun': 'Heun', 'euler_maruyama': 'Euler-Maruyama', 'dpmpp_2m': 'DPM-Solver++(2M)'}
 
 def claim(res:pd.DataFrame, method:str, sampler:str, steps:int, metric:str)->dict:
-    "One checked claim: a method against no guidance on one metric, with both values, the paired difference and the verdict."
+    ("One checked claim: a method against no guidance on one metric, "
+     "with both values, the paired difference and the verdict.")
     d = _cell(res, sampler, steps)
     r, b = d.loc[method], d.loc['none']
     c = {'method': method, 'sampler': sampler, 'steps': int(steps), 'n_samples': int(r.n_samples), 'metric': metric,
-         'value': r[metric], 'lo': r[f'{metric}_lo'], 'hi': r[f'{metric}_hi'], 'base': b[metric], 'base_lo': b[f'{metric}_lo'],
-         'base_hi': b[f'{metric}_hi'], 'delta': r[f'delta_{metric}'], 'delta_lo': r[f'delta_{metric}_lo'], 'delta_hi': r[f'delta_{metric}_hi']}
+         'value': r[metric], 'lo': r[f'{metric}_lo'], 'hi': r[f'{metric}_hi'],
+         'base': b[metric], 'base_lo': b[f'{metric}_lo'], 'base_hi': b[f'{metric}_hi'],
+         'delta': r[f'delta_{metric}'], 'delta_lo': r[f'delta_{metric}_lo'], 'delta_hi': r[f'delta_{metric}_hi']}
     c = {k: (float(v) if isinstance(v, (float, int)) and k not in ('steps', 'n_samples') else v) for k, v in c.items()}
-    c['verdict'] = verdict(metric, c['delta_lo'], c['delta_hi']) if method != 'floor' else _floor_verdict(c['delta_lo'], c['delta_hi'])
+    c['verdict'] = (verdict(metric, c['delta_lo'], c['delta_hi']) if method != 'floor'
+                    else _floor_verdict(c['delta_lo'], c['delta_hi']))
     c['text'] = (f"{metric} {fmt(c['base'], c['base_lo'], c['base_hi'])} -> {fmt(c['value'], c['lo'], c['hi'])}, "
                  f"difference {fmt(c['delta'], c['delta_lo'], c['delta_hi'], '+')}: {c['verdict']}")
     return c
 
 def _floor_verdict(lo:float, hi:float)->str:
     "Where no guidance stands against the floor (the difference is floor minus no guidance)."
-    return 'no guidance at the floor' if lo <= 0 <= hi else ('no guidance above the floor' if hi < 0 else 'no guidance below the floor')
+    if lo <= 0 <= hi: return 'no guidance at the floor'
+    return 'no guidance above the floor' if hi < 0 else 'no guidance below the floor'
 
 GUIDED = ('cf-NAG', 'cb-NAG', 'exact cf-NAG', 'exact cb-NAG', 'eps scaling', 'time shift')
 
@@ -417,10 +472,12 @@ def _groups(res:pd.DataFrame)->list:
 
 def findings(res:pd.DataFrame)->list:
     "The study's claims, generated from `results.csv`: per group, the main metric, its two sides and the shift."
-    mets = ['fd', 'coverage_tv', 'nll_gap', 'excess_shift_low_t'] if 'fd' in res else ['fid', 'precision', 'recall', 'excess_shift_low_t']
+    mets = (['fd', 'coverage_tv', 'nll_gap', 'excess_shift_low_t'] if 'fd' in res
+            else ['fid', 'precision', 'recall', 'excess_shift_low_t'])
     out = []
     for m, s, k, head in _groups(res):
-        out.append({'method': m, 'sampler': s, 'steps': k, 'headline': bool(head), 'claims': [claim(res, m, s, k, x) for x in mets]})
+        out.append({'method': m, 'sampler': s, 'steps': k, 'headline': bool(head),
+                    'claims': [claim(res, m, s, k, x) for x in mets]})
     return out
 
 def findings_md(groups:list, dataset:str, only_headline:bool=False)->str:
@@ -429,7 +486,8 @@ def findings_md(groups:list, dataset:str, only_headline:bool=False)->str:
     for g in groups:
         if only_headline and not g['headline']: continue
         who = '**the floor** (fresh true samples)' if g['method'] == 'floor' else f"**{g['method']}**"
-        lines.append(f"- `{dataset}`, {who} against no guidance, {SAMPLER_NAMES.get(g['sampler'], g['sampler'])}, {g['steps']} steps: "
+        lines.append(f"- `{dataset}`, {who} against no guidance, "
+                     f"{SAMPLER_NAMES.get(g['sampler'], g['sampler'])}, {g['steps']} steps: "
                      + '; '.join(c['text'] for c in g['claims']) + '.')
     return '\n'.join(lines)
 
@@ -441,7 +499,8 @@ def fig_sample_grid(grids:dict, methods:list, sampler:str, steps:int):
     for ax, (m, x) in zip(axs[:, 0], rows):
         ax.imshow(torch.cat(list(x.clamp(-1, 1)[:, 0]), 1), cmap='gray', vmin=-1, vmax=1)
         ax.set_xticks([]); ax.set_yticks([]); ax.set_ylabel(m, rotation=0, ha='right', va='center', fontsize=8)
-    fig.suptitle(f'{SAMPLER_NAMES.get(sampler, sampler)}, {steps} steps: each column starts from the same noise', fontsize=9)
+    fig.suptitle(f'{SAMPLER_NAMES.get(sampler, sampler)}, {steps} steps: each column starts from the same noise',
+                 fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -467,8 +526,10 @@ def write_report(cfg:StudyConfig, ev:dict|None=None)->Path:
     figs, s_e = _figures(cfg, res, sh, ev)
     for name, fig in figs.items(): fig.savefig(out / name, dpi=110); plt.close(fig)
     groups = findings(res)
-    (out / 'findings.json').write_text(json.dumps(groups, indent=1)); (out / 'findings.md').write_text(findings_md(groups, cfg.dataset) + '\n')
-    tables = {f'{SAMPLER_NAMES.get(s, s)}, {k} steps': (headline(res, s, k), headline(res, s, k, deltas=True)) for s in cfg.samplers for k in cfg.steps}
+    (out / 'findings.json').write_text(json.dumps(groups, indent=1))
+    (out / 'findings.md').write_text(findings_md(groups, cfg.dataset) + '\n')
+    tables = {f'{SAMPLER_NAMES.get(s, s)}, {k} steps': (headline(res, s, k), headline(res, s, k, deltas=True))
+              for s in cfg.samplers for k in cfg.steps}
     cal = pd.read_csv(out / 'estimator' / 'calibration.csv')
     gap_csv = out / 'denoiser' / 'oracle_gap.csv'
     gap = pd.read_csv(gap_csv) if gap_csv.exists() else None
@@ -477,54 +538,70 @@ def write_report(cfg:StudyConfig, ev:dict|None=None)->Path:
     return out / 'summary.md'
 
 # %% ../nbs/15_study.ipynb #f1141669
-_INTRO_IMAGES = ("Samples of the `{ds}` images from a denoiser trained with noise-condition dropout (p_drop = {p}), on the `{path}` path. "
-                 "Every row of a table starts from the same noise. fid, precision, recall: on the toolkit's digits feature network "
-                 "(trained offline on the digits; torch-fidelity's definitions) against a reference split of the digits; the `floor` row is "
-                 "held-out digits of the same size. excess_shift_low_t: mean (E[t|x] - t) of the sampler's states minus that of forward "
-                 "states at the same t, over t <= 0.5, read with the trained estimator g (no exact posterior exists for images).")
+_INTRO_IMAGES = ("Samples of the `{ds}` images from a denoiser trained with noise-condition dropout (p_drop = {p}), "
+                 "on the `{path}` path. "
+                 "Every row of a table starts from the same noise. fid, precision, recall: on the toolkit's digits "
+                 "feature network (trained offline on the digits; torch-fidelity's definitions) against a reference "
+                 "split of the digits; the `floor` row is held-out digits of the same size. excess_shift_low_t: mean "
+                 "(E[t|x] - t) of the sampler's states minus that of forward states at the same t, over t <= 0.5, "
+                 "read with the trained estimator g (no exact posterior exists for images).")
 
-_INTRO = ("Samples of the `{ds}` mixture from a denoiser trained with noise-condition dropout (p_drop = {p}), on the `{path}` path. "
-          "Every row of a table starts from the same noise. fd: Fréchet distance to the true mixture; sw2: sliced Wasserstein-2 ({k} random directions); "
-          "mmd2: MMD² (both against fresh data); nll_gap: mean NLL of the samples minus that of data (negative = sharper than the "
-          "data); coverage_tv: total variation between mode shares and weights; excess_shift_low_t: mean (E[t|x] - t) of the "
-          "sampler's states minus that of forward states at the same t, over t <= 0.5 (exact posterior). The `floor` row is fresh "
+_INTRO = ("Samples of the `{ds}` mixture from a denoiser trained with noise-condition dropout (p_drop = {p}), "
+          "on the `{path}` path. "
+          "Every row of a table starts from the same noise. fd: Fréchet distance to the true mixture; "
+          "sw2: sliced Wasserstein-2 ({k} random directions); "
+          "mmd2: MMD² (both against fresh data); nll_gap: mean NLL of the samples minus that of data "
+          "(negative = sharper than the data); coverage_tv: total variation between mode shares and weights; "
+          "excess_shift_low_t: mean (E[t|x] - t) of the sampler's states minus that of forward states at the same t, "
+          "over t <= 0.5 (exact posterior). The `floor` row is fresh "
           "true samples of the same size: values at the floor are at the noise floor.")
 
 _HOW = ("Every number has a {lvl:.0%} bootstrap interval ({b} resamples of the samples and of the reference{seeds}). A "
-        "difference is a method minus no guidance on the same starting noise (paired resamples); it is called better or worse "
-        "(lower or higher for metrics without a better side) only where its interval excludes 0, and no difference otherwise.")
+        "difference is a method minus no guidance on the same starting noise (paired resamples); it is called better "
+        "or worse (lower or higher for metrics without a better side) only where its interval excludes 0, and no "
+        "difference otherwise.")
 
 def _notes(cfg, s_e, cal, gap)->list:
     "The closing notes: the Statement 1 fit, the estimator's calibration and the denoiser's gap to the oracle."
-    est = (f"Estimator calibration (max over t-bins): |E_g[t|x] - E[t|x]| = {cal.mean_abs_gap.max():.4f}, KL(exact || g) = {cal.kl.max():.4f}."
-           if gap is not None else f"Estimator on forward states (max over t-bins): |E_g[t|x] - t| = {cal.mean_abs_gap.max():.4f}.")
-    den = (f"Denoiser against the exact oracle (mean squared x0 gap, over t-bins): conditional {gap.cond_gap.mean():.4f}, "
+    est = (f"Estimator calibration (max over t-bins): |E_g[t|x] - E[t|x]| = {cal.mean_abs_gap.max():.4f}, "
+           f"KL(exact || g) = {cal.kl.max():.4f}."
+           if gap is not None else
+           f"Estimator on forward states (max over t-bins): |E_g[t|x] - t| = {cal.mean_abs_gap.max():.4f}.")
+    den = (f"Denoiser against the exact oracle (mean squared x0 gap, over t-bins): "
+           f"conditional {gap.cond_gap.mean():.4f}, "
            f"null-t {gap.null_t_gap.mean():.4f}." if gap is not None else '')
-    return [f"Statement 1 fit of the learned model's excess shift (Euler, {min(cfg.steps)} steps): s_e = {s_e:.3f}.", est, den]
+    return [f"Statement 1 fit of the learned model's excess shift (Euler, {min(cfg.steps)} steps): s_e = {s_e:.3f}.",
+            est, den]
 
 def _intro(cfg, gap)->str:
     seeds = f'; {cfg.seeds} independently trained denoisers and estimators, pooled' if cfg.seeds > 1 else ''
-    return ((_INTRO if gap is not None else _INTRO_IMAGES).format(ds=cfg.dataset, p=cfg.p_drop, path=cfg.path, k=cfg.sw2_proj) + ' '
+    return ((_INTRO if gap is not None else _INTRO_IMAGES).format(ds=cfg.dataset, p=cfg.p_drop, path=cfg.path,
+                                                                   k=cfg.sw2_proj) + ' '
             + _HOW.format(lvl=cfg.level, b=cfg.n_boot, seeds=seeds))
 
 def _summary_md(cfg, groups, tables, figs, s_e, cal, gap)->str:
     "The one-page Markdown summary: the findings first (generated from results.csv), then the tables and figures."
-    parts = [f"# Noise-shift study: {cfg.dataset}", '', _intro(cfg, gap), '', '## Findings', '', findings_md(groups, cfg.dataset), '']
+    parts = [f"# Noise-shift study: {cfg.dataset}", '', _intro(cfg, gap), '', '## Findings', '',
+             findings_md(groups, cfg.dataset), '']
     for title, (t, d) in tables.items():
         parts += [f'## {title}', '', md_table(t), '', 'Paired differences against no guidance:', '', md_table(d), '']
     parts += ['## Figures', ''] + [f'![{n}]({n})' for n in figs] + [''] + _notes(cfg, s_e, cal, gap)
-    parts += ['', 'Files: `results.csv` (every run; each metric m with m_lo, m_hi, delta_m, delta_m_lo, delta_m_hi), `findings.json` '
-              '(the claims above and the numbers they cite), `shift.csv`, `shift_by_tbin.csv`, `notebooks/` (the executed pipelines).']
+    parts += ['', 'Files: `results.csv` (every run; each metric m with m_lo, m_hi, delta_m, delta_m_lo, delta_m_hi), '
+              '`findings.json` (the claims above and the numbers they cite), `shift.csv`, `shift_by_tbin.csv`, '
+              '`notebooks/` (the executed pipelines).']
     return '\n'.join(parts) + '\n'
 
 def _summary_html(cfg, groups, tables, figs, s_e, cal, gap)->str:
     "The one-page HTML summary."
     items = ''.join(f'<li>{l[2:]}</li>' for l in findings_md(groups, cfg.dataset).splitlines())
-    body = [f"<h1>Noise-shift study: {cfg.dataset}</h1>", f"<p>{_intro(cfg, gap)}</p>", '<h2>Findings</h2>', f'<ul>{items}</ul>']
-    for title, (t, d) in tables.items(): body += [f'<h2>{title}</h2>', t.to_html(), '<p>Paired differences against no guidance:</p>', d.to_html()]
+    body = [f"<h1>Noise-shift study: {cfg.dataset}</h1>", f"<p>{_intro(cfg, gap)}</p>", '<h2>Findings</h2>',
+            f'<ul>{items}</ul>']
+    for title, (t, d) in tables.items():
+        body += [f'<h2>{title}</h2>', t.to_html(), '<p>Paired differences against no guidance:</p>', d.to_html()]
     body += ['<h2>Figures</h2>'] + [f'<img src="{n}" style="max-width:100%"><br>' for n in figs]
     body += [f"<p>{' '.join(_notes(cfg, s_e, cal, gap))}</p>"]
-    return '<!doctype html><html><head><meta charset="utf-8"><title>nag_toolkit study</title></head><body>' + '\n'.join(body) + '</body></html>\n'
+    return ('<!doctype html><html><head><meta charset="utf-8"><title>nag_toolkit study</title></head><body>'
+            + '\n'.join(body) + '</body></html>\n')
 
 # %% ../nbs/15_study.ipynb #3c11acb4
 import nag_toolkit
@@ -541,9 +618,11 @@ def _kernel()->str|None:
 def _notebook_plan(cfg:StudyConfig)->list:
     "(notebook, parameters) for each stage; parameters are plain values and folders."
     d = asdict(cfg)
-    return [('train.ipynb', {'out': str(Path(cfg.out) / 'denoiser'), 'dataset': cfg.dataset, 'model': _model(cfg), 'path': cfg.path,
-                             'steps': cfg.train_steps, 'batch_size': cfg.batch_size, 'p_drop': cfg.p_drop,
-                             'options': {'seed': cfg.seed, 'log_every': max(1, cfg.train_steps // 40), 'ckpt_every': cfg.train_steps}}),
+    return [('train.ipynb', {'out': str(Path(cfg.out) / 'denoiser'), 'dataset': cfg.dataset, 'model': _model(cfg),
+                             'path': cfg.path, 'steps': cfg.train_steps, 'batch_size': cfg.batch_size,
+                             'p_drop': cfg.p_drop,
+                             'options': {'seed': cfg.seed, 'log_every': max(1, cfg.train_steps // 40),
+                                         'ckpt_every': cfg.train_steps}}),
             ('estimator.ipynb', {'study': d}), ('evaluate.ipynb', {'study': d})]
 
 def _run_notebooks(cfg:StudyConfig, kernel:str):
@@ -554,11 +633,12 @@ def _run_notebooks(cfg:StudyConfig, kernel:str):
     (Path(cfg.out) / 'notebooks').mkdir(exist_ok=True)
     for nb, params in _notebook_plan(cfg):
         print(f'running {nb} ...', flush=True)
-        pm.execute_notebook(str(PIPELINES / nb), str(Path(cfg.out) / 'notebooks' / nb), parameters=params, kernel_name=kernel,
-                            progress_bar=False, log_output=True, cwd=cfg.out)
+        pm.execute_notebook(str(PIPELINES / nb), str(Path(cfg.out) / 'notebooks' / nb), parameters=params,
+                            kernel_name=kernel, progress_bar=False, log_output=True, cwd=cfg.out)
 
 def _run_one(cfg:StudyConfig):
-    "One study (one trained denoiser and estimator) into cfg.out: through the notebooks where a kernel exists, else in-process."
+    ("One study (one trained denoiser and estimator) into cfg.out: through the notebooks where a kernel exists, "
+     "else in-process.")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     kernel = _kernel() if cfg.notebooks else None
     if kernel and PIPELINES.is_dir(): _run_notebooks(cfg, kernel)
@@ -566,7 +646,8 @@ def _run_one(cfg:StudyConfig):
     return bool(kernel and PIPELINES.is_dir())
 
 def run_study(cfg:StudyConfig|dict)->Path:
-    "Run the whole study into `cfg.out` (with `seeds` > 1: one study per seed in out/seed<s>/, pooled); returns summary.md."
+    ("Run the whole study into `cfg.out` (with `seeds` > 1: one study per seed in out/seed<s>/, pooled); "
+     "returns summary.md.")
     cfg = StudyConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     cfg = dataclasses.replace(cfg, out=str(check_out_dir(cfg.out).resolve()))   # the notebooks run with it as cwd
     out, t0 = Path(cfg.out), time.perf_counter()
@@ -583,34 +664,39 @@ def run_study(cfg:StudyConfig|dict)->Path:
 
 # %% ../nbs/15_study.ipynb #d331871c
 def pool_studies(cfg:StudyConfig, outs:list)->Path:
-    "Pool studies of independently trained models (same noise, same runs): mean estimates, two-level bootstrap intervals."
+    ("Pool studies of independently trained models (same noise, same runs): mean estimates, "
+     "two-level bootstrap intervals.")
     out, ress = Path(cfg.out), [pd.read_csv(o / 'results.csv') for o in outs]
     bts = [torch.load(o / 'boots.pt', weights_only=True) for o in outs]
     res = ress[0][[c for c in ress[0].columns if not c.endswith(('_lo', '_hi')) and not c.startswith('delta_')]].copy()
-    num = [c for c in res.columns if c not in ('method', 'family', 'w', 'sampler', 'steps', 'n_samples') and pd.api.types.is_numeric_dtype(res[c])]
+    num = [c for c in res.columns if c not in ('method', 'family', 'w', 'sampler', 'steps', 'n_samples')
+           and pd.api.types.is_numeric_dtype(res[c])]
     res[num] = sum(r[num] for r in ress) / len(ress)
     boots = []
-    for i in range(len(res)):     # the same seed everywhere: every run picks the same models, so differences stay paired
+    # the same seed everywhere: every run picks the same models, so differences stay paired
+    for i in range(len(res)):
         pooled = {m: pool_seeds([r.at[i, m] for r in ress], torch.stack([b['boots'][i][m] for b in bts]), seed=cfg.seed)
                   for m in bts[0]['boots'][i]}
         for m, (p, _) in pooled.items(): res.at[i, m] = p
         boots.append({m: b for m, (_, b) in pooled.items()})
     add_intervals(res, boots, CELL, level=cfg.level).to_csv(out / 'results.csv', index=False)
     torch.save({'boots': boots, 'grids': bts[0]['grids']}, out / 'boots.pt')
-    for f in ('shift.csv', 'shift_by_tbin.csv', 'estimator/calibration.csv', 'denoiser/oracle_gap.csv'):   # figures: the first model's
+    # figures: the first model's
+    for f in ('shift.csv', 'shift_by_tbin.csv', 'estimator/calibration.csv', 'denoiser/oracle_gap.csv'):
         if (outs[0] / f).exists(): (out / f).parent.mkdir(exist_ok=True); shutil.copy(outs[0] / f, out / f)
     return write_report(cfg)
 
 # %% ../nbs/15_study.ipynb #eb4383e8
-QUICK = {'train_steps': 150, 'estimator_steps': 150, 'n_samples': 400, 'n_shift': 128, 'steps': [8], 'shift_steps': [8, 32],
-         'samplers': ['euler', 'euler_maruyama'], 'w_nag': [1.0], 'w_cb': [1.0], 'n_boot': 50}
+QUICK = {'train_steps': 150, 'estimator_steps': 150, 'n_samples': 400, 'n_shift': 128, 'steps': [8],
+         'shift_steps': [8, 32], 'samplers': ['euler', 'euler_maruyama'], 'w_nag': [1.0], 'w_cb': [1.0], 'n_boot': 50}
 # the reduced digits study of `make demo`: no guidance against both NAGs at a few weights, two samplers, two step counts
-DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 400, 'batch_size': 128, 'estimator_steps': 300, 'n_samples': 400, 'n_shift': 128,
-               'steps': [8, 16], 'shift_steps': [], 'samplers': ['euler', 'euler_maruyama'], 'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0],
-               'baselines': False}
+DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 400, 'batch_size': 128, 'estimator_steps': 300, 'n_samples': 400,
+               'n_shift': 128, 'steps': [8, 16], 'shift_steps': [], 'samplers': ['euler', 'euler_maruyama'],
+               'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0], 'baselines': False}
 # where NAG helps: w x steps x sampler, a weak and a strong denoiser (`models`: their training steps)
-FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'], 'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0],
-        'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 1000, 'shift_steps': [], 'baselines': False, 'exact': False, 'models': [800, 8000]}
+FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'],
+        'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0], 'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 1000, 'shift_steps': [],
+        'baselines': False, 'exact': False, 'models': [800, 8000]}
 PRESETS = {'quick': QUICK, 'digits-demo': DIGITS_DEMO, 'full': FULL}
 
 # %% ../nbs/15_study.ipynb #b4571260
@@ -620,21 +706,24 @@ def _map_rows(res:pd.DataFrame, model:str)->pd.DataFrame:
     return d.assign(model=model)
 
 def fig_where_nag_helps(m:pd.DataFrame, metric:str='fd'):
-    "The paired change of `metric` against w, one panel per (model, family) and one line per (sampler, steps), with intervals."
+    ("The paired change of `metric` against w, one panel per (model, family) and one line per (sampler, steps), "
+     "with intervals.")
     keys = [(mo, fa) for mo in m.model.unique() for fa in ('cf-NAG', 'cb-NAG')]
     fig, axs = plt.subplots(len(m.model.unique()), 2, figsize=(11, 3.2 * len(m.model.unique())), squeeze=False)
     for ax, (mo, fa) in zip(axs.flat, keys):
         for (s, k), d in m[(m.model == mo) & m.family.isin(['none', fa])].groupby(['sampler', 'steps']):
             d = d.sort_values('w'); y = d[f'delta_{metric}']
-            ax.errorbar(d.w, y, yerr=[y - d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'] - y], fmt='o-', ms=3, capsize=2,
-                        label=f'{SAMPLER_NAMES.get(s, s)}, {k}')
+            ax.errorbar(d.w, y, yerr=[y - d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'] - y], fmt='o-', ms=3,
+                        capsize=2, label=f'{SAMPLER_NAMES.get(s, s)}, {k}')
         ax.axhline(0, color='k', lw=0.5); ax.set(xlabel='w', ylabel=f'change of {metric}', title=f'{fa}, {mo}')
     axs[0, 0].legend(fontsize=6, ncol=2); fig.tight_layout()
     return fig
 
 def map_findings(m:pd.DataFrame, metric:str='fd')->pd.DataFrame:
-    "Per model, family, sampler and steps: the weights where NAG is better, worse or no different on `metric` (from the intervals)."
-    d = m[m.family != 'none'].assign(verdict=lambda d: [verdict(metric, lo, hi) for lo, hi in zip(d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'])])
+    ("Per model, family, sampler and steps: the weights where NAG is better, worse or no different on `metric` "
+     "(from the intervals).")
+    d = m[m.family != 'none'].assign(verdict=lambda d: [
+        verdict(metric, lo, hi) for lo, hi in zip(d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'])])
     ws = lambda v: lambda x: ', '.join(f'{w:g}' for w in x[x.verdict == v].w) or '-'
     g = d.groupby(['model', 'family', 'sampler', 'steps'])
     return pd.DataFrame({'better at w': g.apply(ws('better')), 'worse at w': g.apply(ws('worse')),
@@ -645,12 +734,14 @@ def run_models(cfg:StudyConfig)->Path:
     out, metric = Path(cfg.out), 'fd' if cfg.dataset in MIXTURES else 'fid'
     subs = [dataclasses.replace(cfg, train_steps=n, models=[], out=str(out / f'steps{n}')) for n in cfg.models]
     for c in subs: run_study(c)
-    m = pd.concat([_map_rows(pd.read_csv(Path(c.out) / 'results.csv'), f'{c.train_steps} training steps') for c in subs])
+    m = pd.concat([_map_rows(pd.read_csv(Path(c.out) / 'results.csv'), f'{c.train_steps} training steps')
+                   for c in subs])
     m.to_csv(out / 'map.csv', index=False)
     fig = fig_where_nag_helps(m, metric); fig.savefig(out / 'where_nag_helps.png', dpi=110); plt.close(fig)
     table = map_findings(m, metric)
-    (out / 'map.md').write_text(f'# Where NAG helps: {cfg.dataset}\n\n![where NAG helps](where_nag_helps.png)\n\nVerdicts on the paired '
-                                f'change of {metric} against no guidance ({cfg.level:.0%} intervals):\n\n{md_table(table.set_index("model"))}\n')
+    (out / 'map.md').write_text(f'# Where NAG helps: {cfg.dataset}\n\n![where NAG helps](where_nag_helps.png)\n\n'
+                                f'Verdicts on the paired change of {metric} against no guidance '
+                                f'({cfg.level:.0%} intervals):\n\n{md_table(table.set_index("model"))}\n')
     return out / 'map.md'
 
 # %% ../nbs/15_study.ipynb #6fd98e02
@@ -661,7 +752,8 @@ def collect_findings(folders:list)->str:
         cfg, groups = json.loads((f / 'config.json').read_text()), json.loads((f / 'findings.json').read_text())
         secs = json.loads((f / 'timing.json').read_text())['seconds'] if (f / 'timing.json').exists() else float('nan')
         parts += [f"**`{cfg['dataset']}`**: denoiser trained {cfg['train_steps']} steps with noise-condition dropout "
-                  f"(p_drop {cfg['p_drop']}), {cfg['n_samples']} samples per run from the same noise, {cfg['level']:.0%} "
-                  f"bootstrap intervals ({cfg['n_boot']} resamples); ran in {secs:.0f} s; full report: `{f}/summary.md`.", '',
+                  f"(p_drop {cfg['p_drop']}), {cfg['n_samples']} samples per run from the same noise, "
+                  f"{cfg['level']:.0%} bootstrap intervals ({cfg['n_boot']} resamples); ran in {secs:.0f} s; "
+                  f"full report: `{f}/summary.md`.", '',
                   findings_md(groups, cfg['dataset'], only_headline=True), '']
     return '\n'.join(parts)
