@@ -68,7 +68,8 @@ def save_checkpoint(out, # the run's folder; checkpoints go to out/checkpoints
     root = Path(out) / 'checkpoints'; root.mkdir(parents=True, exist_ok=True); _clear_stale(root)
     final, tmp = root / f'step_{step:08d}', root / f'.step_{step:08d}.tmp-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-    tensors = {'model.safetensors': _state_dict_cpu(model), 'ema.safetensors': None if ema is None else _state_dict_cpu(ema)}
+    tensors = {'model.safetensors': _state_dict_cpu(model),
+               'ema.safetensors': None if ema is None else _state_dict_cpu(ema)}
     opt_meta = None
     if optimizer is not None: tensors['optim.safetensors'], opt_meta = _flat_optimizer(optimizer)
     for name, sd in tensors.items():
@@ -110,7 +111,8 @@ def checkpoint_damage(d:Path)->str|None:
     try: state = json.loads((d / 'state.json').read_text())
     except (OSError, ValueError) as e: return f"{d / 'state.json'} cannot be read ({type(e).__name__})"
     for name, want in state.get('files', {}).items():   # checkpoints from before the checksums have none: trusted
-        if not digest_ok(d / name, want): return f"{d / name} is damaged or truncated (its size or SHA-256 differs from state.json)"
+        if not digest_ok(d / name, want):
+            return f"{d / name} is damaged or truncated (its size or SHA-256 differs from state.json)"
     return None
 
 def _intact(root:Path)->Path:
@@ -123,7 +125,8 @@ def _intact(root:Path)->Path:
             return d
         first = first or why
     raise ConfigError(f"checkpoint {first}; there is no intact checkpoint in {root}" if first else
-                      f"checkpoint={str(root.parent)!r} holds no checkpoint; allowed: a run folder or a folder with state.json")
+                      f"checkpoint={str(root.parent)!r} holds no checkpoint; "
+                      "allowed: a run folder or a folder with state.json")
 
 def _resolve(path)->Path:
     "The checkpoint folder that `path` names (verified), or a one-line error."
@@ -132,13 +135,15 @@ def _resolve(path)->Path:
         raise ConfigError(f"checkpoint={str(p)!r} is a pickled file and is refused (loading it could run code); allowed: a folder with "
                           "model.safetensors and state.json (official DiT/SiT weights load through nag_toolkit.models.load_pretrained)")
     if (p / 'state.json').exists():
-        if why := checkpoint_damage(p): raise ConfigError(f"checkpoint {why}; allowed: an intact checkpoint (or its run folder)")
+        if why := checkpoint_damage(p):
+            raise ConfigError(f"checkpoint {why}; allowed: an intact checkpoint (or its run folder)")
         return p
     return _intact(p if p.name == 'checkpoints' else p / 'checkpoints')
 
 def load_checkpoint(path, # a run folder, its checkpoints folder, or one checkpoint folder
                     map_location='cpu')->dict:
-    "Read a checkpoint (for a run: its newest intact one): 'model', 'ema', 'optimizer' state dicts (None where absent), 'state'."
+    ("Read a checkpoint (for a run: its newest intact one): 'model', 'ema', 'optimizer' state dicts "
+     "(None where absent), 'state'.")
     d = _resolve(path)
     state = json.loads((d / 'state.json').read_text())
     read = lambda name: load_file(d / name, device=str(map_location)) if (d / name).exists() else None

@@ -55,9 +55,12 @@ def _study_flags(p:argparse.ArgumentParser):
     p.add_argument('--out', default=None, help="the report folder (default: runs/study)")
     p.add_argument('--dataset', default=None, help="a mixture preset (gmm32, ring8) or digits (default: gmm32)")
     p.add_argument('--config', help='a YAML file of study options')
-    p.add_argument('--preset', default=None, help='a preset of options: quick, digits-demo (the reduced digits study of make demo), full')
-    p.add_argument('--quick', action='store_true', help='tiny budgets: a smoke run in about a minute (the preset quick)')
-    p.add_argument('--full', action='store_true', help='where NAG helps: w x steps x sampler, weak and strong denoiser (the preset full)')
+    p.add_argument('--preset', default=None,
+                   help='a preset of options: quick, digits-demo (the reduced digits study of make demo), full')
+    p.add_argument('--quick', action='store_true',
+                   help='tiny budgets: a smoke run in about a minute (the preset quick)')
+    p.add_argument('--full', action='store_true',
+                   help='where NAG helps: w x steps x sampler, weak and strong denoiser (the preset full)')
     p.add_argument('--no-notebooks', action='store_true', help='run the stages in this process instead of papermill notebooks')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='any study option, e.g. train_steps=3000 or steps=[8,16]')
 
@@ -91,10 +94,15 @@ def _findings_flags(p:argparse.ArgumentParser):
 def cmd_findings(args):
     "The headline findings of one or more studies as one Markdown list (what README.md shows)."
     from nag_toolkit.study import collect_findings
-    if args.out and Path(args.out).is_dir(): raise ConfigError(f"out={args.out!r} is a folder; allowed: a Markdown file to write")
-    if args.out: check_out_dir(Path(args.out).parent)   # a file whose folder cannot be written: one line, before any work
+    if args.out and Path(args.out).is_dir():
+        raise ConfigError(f"out={args.out!r} is a folder; allowed: a Markdown file to write")
+    # a file whose folder cannot be written: one line, before any work
+    if args.out: check_out_dir(Path(args.out).parent)
     md = collect_findings(args.studies)
-    if args.out: Path(args.out).parent.mkdir(parents=True, exist_ok=True); Path(args.out).write_text(md); print(f"wrote {args.out}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(md)
+        print(f"wrote {args.out}")
     else: print(md)
 
 def _sample_flags(p:argparse.ArgumentParser):
@@ -115,10 +123,12 @@ def cmd_demo(args):
     check_out_dir(args.out or 'runs/demo')
     print(run_demo(args.out or 'runs/demo').to_string(index=False))
 
-COMMANDS = {'study': (cmd_study, _study_flags, 'the end-to-end noise-shift study on an embedded mixture or the digits (what make demo runs)'),
+COMMANDS = {'study': (cmd_study, _study_flags,
+                      'the end-to-end noise-shift study on an embedded mixture or the digits (what make demo runs)'),
             'train': (cmd_train, _train_flags, 'train a denoiser (resumes from --out when it holds a checkpoint)'),
             'sample': (cmd_sample, _sample_flags, 'sample shards from a checkpoint (ADM .npz or PNG; resumes; torchrun splits the shards)'),
-            'demo': (cmd_demo, lambda p: p.add_argument('--out', default=None), 'sample a mixture through the exact oracle'),
+            'demo': (cmd_demo, lambda p: p.add_argument('--out', default=None),
+                     'sample a mixture through the exact oracle'),
             'findings': (cmd_findings, _findings_flags, 'the headline findings of study folders as one Markdown list')}
 
 def parser()->argparse.ArgumentParser:
@@ -142,7 +152,8 @@ _default_showwarning = warnings.showwarning
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     "A `RunWarning` as the one line `warning: ...`, above any progress bar; other warnings as Python shows them."
-    if not issubclass(category, RunWarning): return _default_showwarning(message, category, filename, lineno, file, line)
+    if not issubclass(category, RunWarning):
+        return _default_showwarning(message, category, filename, lineno, file, line)
     from tqdm.auto import tqdm
     tqdm.write(f"warning: {message}", file=file or sys.stderr)
 

@@ -28,7 +28,8 @@ def check_choice(field:str, # the option's name, as the user wrote it
 
 def check_range(field:str, value, lo=None, hi=None, lo_open=False, hi_open=False):
     "Return `value` if it lies in the interval from `lo` to `hi` (open ends as asked), else raise `ConfigError`."
-    interval = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+    interval = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+                f"{'inf' if hi is None else hi}{')' if hi_open else ']'}")
     if isinstance(value, float) and not math.isfinite(value):   # NaN compares False with everything: refuse it first
         raise ConfigError(f"{field}={value!r} is not a finite number; allowed: {interval}")
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and (value >= hi if hi_open else value > hi))
@@ -109,11 +110,13 @@ def check_out_dir(path, # the folder a command will write into
     bad = lambda why: ConfigError(f"{field}={str(p)!r} {why}; allowed: a folder that can be created and written")
     if p.exists() and not p.is_dir(): raise bad("is a file")
     anc = p
-    while not anc.exists() and anc != anc.parent and not anc.is_symlink(): anc = anc.parent   # the nearest existing ancestor
+    # the nearest existing ancestor
+    while not anc.exists() and anc != anc.parent and not anc.is_symlink(): anc = anc.parent
     if not anc.is_dir(): raise bad(f"runs through {str(anc)!r}, which is not a folder")
     if anc != p and not os.access(anc, os.W_OK | os.X_OK):
         ro = hasattr(os, 'statvfs') and os.statvfs(anc).f_flag & os.ST_RDONLY
-        raise bad(f"cannot be created: {str(anc)!r} is not writable ({'Read-only file system' if ro else 'Permission denied'})")
+        raise bad(f"cannot be created: {str(anc)!r} is not writable "
+                  f"({'Read-only file system' if ro else 'Permission denied'})")
     try:
         if create: p.mkdir(parents=True, exist_ok=True)
         if p.is_dir(): os.close((tmp := tempfile.mkstemp(prefix='.write-check-', dir=p))[0]); os.unlink(tmp[1])
@@ -168,13 +171,17 @@ class RunLock:
     def __enter__(self):
         fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         got, host = _flock(fd), socket.gethostname()
-        old = _holder(fd, wait=0.5 if got is False else 0)    # a holder that just got the lock may be writing its record
+        # a holder that just got the lock may be writing its record
+        old = _holder(fd, wait=0.5 if got is False else 0)
         gone = old.get('host') == host and not _alive(old.get('pid'))
-        if got is False or (got is None and old and not gone):   # flock decides where it works (a dead holder's is released)
+        # flock decides where it works (a dead holder's is released)
+        if got is False or (got is None and old and not gone):
             os.close(fd)
-            raise ConfigError(f"{self.field}={str(self.folder)!r} is in use by pid {old.get('pid')} on host {old.get('host')} (since "
+            raise ConfigError(f"{self.field}={str(self.folder)!r} is in use by pid {old.get('pid')} "
+                              f"on host {old.get('host')} (since "
                               f"{old.get('since')}); allowed: wait for that run to end, or another {self.field}")
-        if old: warn(f"{self.field}={str(self.folder)!r} was held by pid {old.get('pid')} on host {old.get('host')}, which is gone; taking it over")
+        if old: warn(f"{self.field}={str(self.folder)!r} was held by pid {old.get('pid')} on host {old.get('host')}, "
+                     "which is gone; taking it over")
         me = {'pid': os.getpid(), 'host': host, 'since': time.strftime('%Y-%m-%d %H:%M:%S')}
         os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(me).encode(), 0); os.fsync(fd)
         self.fd = fd

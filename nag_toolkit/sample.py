@@ -199,7 +199,8 @@ def shard_record(dst:Path)->Path:
     return dst.with_name(dst.name.split('.')[0] + '.json')
 
 def shard_state(dst:Path, n:int)->str:
-    "'done' (its record says `n` samples and every file's size and SHA-256 match), 'damaged' (they do not), else 'todo'."
+    ("'done' (its record says `n` samples and every file's size and SHA-256 match), 'damaged' (they do not), "
+     "else 'todo'.")
     if not dst.exists(): return 'todo'                                # missing (never written, or removed to be redone)
     try: rec = json.loads(shard_record(dst).read_text())
     except (OSError, ValueError): return 'todo'                      # not recorded: never finished
@@ -229,7 +230,8 @@ def _move_into_place(tmp:Path, dst:Path):
     files = [dst] if dst.is_file() else sorted(dst.iterdir())
     n = len(np.load(dst)['labels']) if dst.is_file() else len(np.load(dst / 'labels.npy'))
     rec, tmp_rec = shard_record(dst), dst.with_name(f"{shard_record(dst).name}.tmp-{os.getpid()}")
-    tmp_rec.write_text(json.dumps({'samples': n, 'files': {str(f.relative_to(dst.parent)): file_digest(f) for f in files}}, indent=1))
+    tmp_rec.write_text(json.dumps(
+        {'samples': n, 'files': {str(f.relative_to(dst.parent)): file_digest(f) for f in files}}, indent=1))
     os.replace(tmp_rec, rec)
 
 def write_npz(dst:Path, arr:np.ndarray, labels:np.ndarray):
@@ -254,7 +256,8 @@ def _clear_stale(out:Path):
     "Remove temporary shards that killed writers left behind (their process is gone)."
     for tmp in out.glob('shard_*.tmp-*'):
         pid = tmp.name.rsplit('-', 1)[1]
-        if not pid.isdigit() or not _alive(int(pid)): shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 # %% ../nbs/16_sample.ipynb #f1ebfca3
 RESUME_FREE = {'out', 'num_samples', 'batch_size', 'device'}
@@ -305,11 +308,15 @@ def _write_shards(job:dict, out:Path, rank:int, world:int)->dict:
     cfg = job['cfg']
     _write_meta(out, job['meta'], rank)
     n_shards, done, written = math.ceil(cfg.num_samples / cfg.shard_size), [], []
-    for k in progress(rank_shards(n_shards, rank, world), desc='sample' + (f' (rank {rank}/{world})' if world > 1 else ''), disable=rank != 0):
+    for k in progress(rank_shards(n_shards, rank, world),
+                      desc='sample' + (f' (rank {rank}/{world})' if world > 1 else ''),
+                      disable=rank != 0):
         idx, dst = shard_range(k, cfg.shard_size, cfg.num_samples), shard_path(out, k, cfg.format)
         state = shard_state(dst, len(idx))
         if state == 'done': done.append(k); continue                            # finished and intact earlier: resume
-        if state == 'damaged': warn(f"{dst} is damaged or truncated (its size or SHA-256 differs from {shard_record(dst).name}); writing it again")
+        if state == 'damaged':
+            warn(f"{dst} is damaged or truncated (its size or SHA-256 differs from {shard_record(dst).name}); "
+                 "writing it again")
         arr, labels = make_shard(job, idx)
         if cfg.format == 'npz': write_npz(dst, arr, labels)
         else: write_png(dst, arr, labels, idx.start)

@@ -9,7 +9,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 import pandas as pd
-from .core import ConfigError, config_from_dict, check_choice, check_range, read_yaml_mapping, check_out_dir, RunLock
+from .core import (ConfigError, config_from_dict, check_choice, check_range, read_yaml_mapping,
+                              check_out_dir,
+                              RunLock)
 
 # %% auto #0
 __all__ = ['EXECUTORS', 'RUNNERS', 'Sweep', 'submitit_options', 'default_kernel', 'read_grid', 'Run', 'run_id', 'expand',

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch, torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader
-from .core import ConfigError, check_choice, check_range, sample_seed, config_from_dict, check_out_dir, RunLock, progress
+from .core import (ConfigError, check_choice, check_range, sample_seed, config_from_dict, check_out_dir,
+                              RunLock, progress)
 from .interpolants import get_interpolant, PRED_KINDS, INTERPOLANTS
 from .data import get_dataset
 from .models import build_model, load_pretrained
@@ -234,7 +235,8 @@ def ema_update(ema, model, decay:float):
 
 # %% ../nbs/09_train.ipynb #f83a44b3
 def setup(cfg:TrainConfig, held:contextlib.ExitStack|None=None)->dict:
-    "Build data, model, EMA and optimizer for `cfg`, resuming from `cfg.out` when it holds a checkpoint (locked into `held`)."
+    ("Build data, model, EMA and optimizer for `cfg`, resuming from `cfg.out` when it holds a checkpoint "
+     "(locked into `held`).")
     device = pick_device(cfg.device)
     rank, world = init_distributed(device)
     cfg = resolve(cfg, world)
@@ -261,7 +263,8 @@ def setup(cfg:TrainConfig, held:contextlib.ExitStack|None=None)->dict:
 
 def _maybe_resume(run:dict):
     "Load the latest checkpoint of the run's folder into the run, after checking the configs agree."
-    if latest_checkpoint(run['cfg'].out) is not None: _resume_from(run, load_checkpoint(run['cfg'].out))   # the newest intact one
+    # the newest intact one
+    if latest_checkpoint(run['cfg'].out) is not None: _resume_from(run, load_checkpoint(run['cfg'].out))
     if run['rank'] == 0: _trim_log(Path(run['cfg'].out) / 'metrics.csv', run['step'])
 
 def _resume_from(run:dict, ck:dict):
@@ -285,12 +288,16 @@ def _take_folder(run:dict, held:contextlib.ExitStack):
     if err: raise ConfigError(err)
 
 def _trim_log(f:Path, step:int):
-    "Keep the complete rows of metrics.csv up to `step` (a killed run may have logged past its checkpoint, or half a row)."
+    ("Keep the complete rows of metrics.csv up to `step` "
+     "(a killed run may have logged past its checkpoint, or half a row).")
     if not f.exists(): return
     lines = f.read_text().splitlines(keepends=True)
     if not lines or not lines[0].endswith('\n'): f.unlink(); return                  # not even a whole header
-    keep = lines[:1] + [l for l in lines[1:] if l.endswith('\n') and l.split(',', 1)[0].isdigit() and int(l.split(',', 1)[0]) <= step]
-    if keep != lines: f.with_name(f.name + '.tmp').write_text(''.join(keep)); os.replace(f.with_name(f.name + '.tmp'), f)
+    keep = lines[:1] + [l for l in lines[1:]
+                        if l.endswith('\n') and l.split(',', 1)[0].isdigit() and int(l.split(',', 1)[0]) <= step]
+    if keep != lines:
+        f.with_name(f.name + '.tmp').write_text(''.join(keep))
+        os.replace(f.with_name(f.name + '.tmp'), f)
 
 
 # %% ../nbs/09_train.ipynb #070945d5
