@@ -110,12 +110,16 @@ def _sample_flags(p:argparse.ArgumentParser):
     from nag_toolkit.sample import SampleConfig
     _config_flags(p, SampleConfig, 'sampling', 'sampler_options.eta=0.5')
 
+def _print_shards(res:dict):
+    "Print what a sharded writer did (this process's share under torchrun)."
+    who = f"rank {res['rank']}/{res['world']}: " if res['world'] > 1 else ''
+    print(f"{who}wrote {len(res['written'])} shard(s), {len(res['skipped'])} already finished, "
+          f"of {res['n_shards']} in {res['out']}")
+
 def cmd_sample(args):
     "Write sample shards from a checkpoint (this process's share under torchrun); prints what was done."
     from nag_toolkit.sample import sample_shards
-    res = sample_shards(config_options(args))
-    who = f"rank {res['rank']}/{res['world']}: " if res['world'] > 1 else ''
-    print(f"{who}wrote {len(res['written'])} shard(s), {len(res['skipped'])} already finished, of {res['n_shards']} in {res['out']}")
+    _print_shards(sample_shards(config_options(args)))
 
 def cmd_demo(args):
     "The oracle demo (what `make demo` runs)."
@@ -183,9 +187,7 @@ COMMANDS['sweep'] = (cmd_sweep, _sweep_flags, 'run a pipeline notebook over a gr
 def cmd_latents(args):
     "Encode images into latent shards (this process's share under torchrun); prints what was done."
     from nag_toolkit.data import write_latents
-    res = write_latents(config_options(args))
-    who = f"rank {res['rank']}/{res['world']}: " if res['world'] > 1 else ''
-    print(f"{who}wrote {len(res['written'])} shard(s), {len(res['skipped'])} already finished, of {res['n_shards']} in {res['out']}")
+    _print_shards(write_latents(config_options(args)))
 
 def cmd_eval(args):
     "Score sample shards against a reference; prints the headline metrics and where the JSON is."
