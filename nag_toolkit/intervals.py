@@ -6,12 +6,12 @@
 from __future__ import annotations
 import math
 import torch, pandas as pd
-from .metrics import (_flat, _sqdist, _quantiles, median_bandwidth, mixture_moments, frechet_distance,
-                                 gaussian_stats)
+from .metrics import _flat, _f64, _sqdist, median_bandwidth, mixture_moments
 
 # %% auto #0
-__all__ = ['MIXTURE_BOOT', 'IMAGE_BOOT', 'boot_indices', 'interval', 'paired_delta', 'mmd_boot', 'sw2_boot', 'fd_boot',
-           'mixture_boot', 'prc_indicators', 'image_boot', 'low_t_shift', 'pool_seeds', 'add_intervals']
+__all__ = ['METRIC_RANGES', 'MIXTURE_BOOT', 'IMAGE_BOOT', 'boot_indices', 'interval', 'paired_delta', 'mmd_boot', 'sw2_boot',
+           'boot_stats', 'frechet_batch', 'fd_boot', 'mixture_boot', 'prc_indicators', 'kid_boot', 'isc_boot',
+           'image_boot', 'pool_seeds', 'add_intervals']
 
 # %% ../nbs/14a_intervals.ipynb #85702a41
 def boot_indices(n:int, # how many items are resampled
@@ -20,15 +20,23 @@ def boot_indices(n:int, # how many items are resampled
     "`n_boot` resamples with replacement of `range(n)`: [n_boot, n]; the same seed gives the same rows (pairing)."
     return torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
 
+# the range of each metric that has one: its interval's ends stay inside
+METRIC_RANGES = {'fd': (0, None), 'fid': (0, None), 'sw2': (0, None), 'coverage_tv': (0, 1), 'precision': (0, 1),
+                 'recall': (0, 1), 'isc_mean': (1, None)}
+
 def interval(point:float, # the estimate on the full samples
              boots, # its bootstrap values [B]
-             level:float=0.95)->tuple:
+             level:float=0.95,
+             bounds:tuple=(None, None))->tuple: # the metric's range (a distance: (0, None)); the ends stay inside
     "(lo, hi): the bootstrap percentile interval, moved so that its median is the point estimate (NaN if any is NaN)."
     b = torch.as_tensor(boots, dtype=torch.float64)
     if not math.isfinite(point) or not torch.isfinite(b).all(): return float('nan'), float('nan')
     q = torch.tensor([(1 - level) / 2, 0.5, (1 + level) / 2], dtype=torch.float64)
     lo, med, hi = torch.quantile(b, q).tolist()
-    return point + lo - med, point + hi - med
+    lo, hi = point + lo - med, point + hi - med
+    if bounds[0] is not None: lo = max(lo, bounds[0])
+    if bounds[1] is not None: hi = min(hi, bounds[1])
+    return lo, hi
 
 # %% ../nbs/14a_intervals.ipynb #8ca96615
 def paired_delta(point:float, boots, # a method's estimate and its bootstrap values [B]
@@ -47,34 +55,49 @@ def _offdiag(k, c)->torch.Tensor:
     "Sum of k over ordered pairs of distinct positions of each resample (counts `c` [B, n]): c^T k c - sum c_i k_ii."
     return ((c @ k) * c).sum(1) - c @ k.diagonal()
 
+def _mmd_counts(kxx, kyy, kxy, ix, iy)->torch.Tensor:
+    "Unbiased MMD² of each resample pair from the three kernel matrices of the full sets: [B]."
+    cx, cy, n, m = _counts(ix, len(kxx)), _counts(iy, len(kyy)), ix.shape[1], iy.shape[1]
+    cross = ((cx @ kxy) * cy).sum(1) / (n * m)
+    return _offdiag(kxx, cx) / (n * (n - 1)) + _offdiag(kyy, cy) / (m * (m - 1)) - 2 * cross
+
 def mmd_boot(x, y, # samples [N, ...] and [M, ...]
              ix, iy, # their resamples [B, N] and [B, M]
              bandwidth:float)->torch.Tensor: # the RBF width (as in `mmd_rbf`)
     "Unbiased RBF MMD² of each resample pair (x[ix[b]], y[iy[b]]): [B], from one kernel matrix per pair of sets."
     x, y, h2 = _flat(x), _flat(y), 2 * bandwidth ** 2
-    kxx, kyy, kxy = (torch.exp(-_sqdist(a, b) / h2) for a, b in ((x, x), (y, y), (x, y)))
-    cx, cy, n, m = _counts(ix, len(x)), _counts(iy, len(y)), ix.shape[1], iy.shape[1]
-    cross = ((cx @ kxy) * cy).sum(1) / (n * m)
-    return _offdiag(kxx, cx) / (n * (n - 1)) + _offdiag(kyy, cy) / (m * (m - 1)) - 2 * cross
-
-def _sorted_resamples(v, ix):
-    "Each column of `v` [N, P] resampled by each row of `ix` [B, N] and sorted, [P, N] per row: one sort, then repeats."
-    s, o = v.T.sort(1)
-    for c in _counts(ix, len(v), torch.long): yield s.flatten().repeat_interleave(c[o].flatten()).view(v.shape[1], -1)
+    return _mmd_counts(*(torch.exp(-_sqdist(a, b) / h2) for a, b in ((x, x), (y, y), (x, y))), ix, iy)
 
 def sw2_boot(x, y, ix, iy, n_proj:int=128, seed:int=0)->torch.Tensor:
     "Sliced W2 (the directions of `sliced_w2` with the same seed) of each resample pair, all of one size N: [B]."
     x, y = _flat(x), _flat(y)
     if not (len(x) == len(y) == ix.shape[1] == iy.shape[1]): raise ValueError('sw2_boot: resamples of equal size only')
     theta = torch.randn(x.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    theta = theta / theta.norm(dim=0)
-    pairs = zip(_sorted_resamples(x @ theta, ix), _sorted_resamples(y @ theta, iy))
-    return torch.stack([((a - b) ** 2).mean().sqrt() for a, b in pairs])
+    px, py = x @ (theta / theta.norm(dim=0)), y @ (theta / theta.norm(dim=0))
+    return torch.stack([((px[i].sort(0).values - py[j].sort(0).values) ** 2).mean().sqrt() for i, j in zip(ix, iy)])
+
+def boot_stats(x, # samples [N, ...]
+               ix)->tuple: # resamples [B, N]
+    "Mean [B, D] and unbiased covariance [B, D, D] of each resample x[ix[b]] (as `gaussian_stats`), in float64."
+    x, c, n = _flat(x), _counts(ix, len(x)), ix.shape[1]
+    mu = c @ x / n
+    second = torch.stack([(x * w[:, None]).T @ x for w in c])             # sum over the resample of x x^T
+    return mu, (second - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
+
+def frechet_batch(mu1, cov1, # means [B, D] and covariances [B, D, D] (or one Gaussian: [D], [D, D])
+                  mu2, cov2)->torch.Tensor: # the other side, batched or one Gaussian
+    "The Fréchet distance of `frechet_distance` for batches of Gaussians, in float64: [B] (clipped at 0)."
+    mu1, cov1, mu2, cov2 = map(_f64, (mu1, cov1, mu2, cov2))
+    w, v = torch.linalg.eigh((cov2 + cov2.mT) / 2)
+    s2 = (v * w.clamp_min(0).sqrt()[..., None, :]) @ v.mT                 # cov2^1/2
+    m = s2 @ cov1 @ s2
+    tr_sqrt = torch.linalg.eigvalsh((m + m.mT) / 2).clamp_min(0).sqrt().sum(-1)
+    tr = lambda c: c.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (((mu1 - mu2) ** 2).sum(-1) + tr(cov1) + tr(cov2) - 2 * tr_sqrt).clamp_min(0)
 
 def fd_boot(x, ix, mean, cov)->torch.Tensor:
     "Fréchet distance of each resample x[ix[b]] to a Gaussian (mean, cov): [B]."
-    x = _flat(x)
-    return torch.tensor([frechet_distance(*gaussian_stats(x[i]), mean, cov) for i in ix], dtype=torch.float64)
+    return frechet_batch(*boot_stats(x, ix), mean, cov)
 
 # %% ../nbs/14a_intervals.ipynb #6fc1f67f
 MIXTURE_BOOT = ('fd', 'sw2', 'mmd2', 'nll_gap', 'coverage_tv')
@@ -105,28 +128,31 @@ def prc_indicators(f, # sample features [N, d]
     d = torch.cdist(f, r)
     return (d <= rad_r[None]).any(1).double(), (d.T <= rad_f[None]).any(1).double()
 
-IMAGE_BOOT = ('fid', 'precision', 'recall')
+def kid_boot(f, r, ix, ir)->torch.Tensor:
+    "Unbiased MMD² with torch-fidelity's KID kernel `(x.y / d + 1)^3` of each resample pair: [B]."
+    f, r = f.double(), r.double()
+    poly = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3
+    return _mmd_counts(poly(f, f), poly(r, r), poly(f, r), ix, ir)
+
+def isc_boot(logits, # class logits [N, classes]
+             ix)->torch.Tensor:
+    "Inception Score (one split) of each resample of the logits: [B]."
+    p, logp = logits.double().softmax(1), logits.double().log_softmax(1)
+    c, n = _counts(ix, len(p)), ix.shape[1]
+    pbar = c @ p / n
+    return torch.exp(c @ (p * logp).sum(1) / n - (pbar * pbar.clamp_min(1e-300).log()).sum(1))
+
+IMAGE_BOOT = ('fid', 'kid_mean', 'precision', 'recall', 'isc_mean')
 
 def image_boot(f, r, # sample and reference features [N, d], [M, d]
                ix, ir, # their resamples [B, N], [B, M]
-               k:int=3)->dict:
-    "Bootstrap values [B] of FID, precision and recall on features; the k-NN balls stay those of the full sets."
-    f64, r64 = f.double(), r.double()
+               k:int=3,
+               logits=None)->dict: # the samples' class logits [N, classes]: IS too
+    "Bootstrap values [B] of FID, KID, precision, recall (and IS) on features; the k-NN balls are the full sets'."
     prec, rec = prc_indicators(f, r, k)
-    fid = [frechet_distance(*gaussian_stats(f64[i]), *gaussian_stats(r64[j])) for i, j in zip(ix, ir)]
-    return {'fid': torch.tensor(fid, dtype=torch.float64), 'precision': prec[ix].mean(1), 'recall': rec[ir].mean(1)}
-
-# %% ../nbs/14a_intervals.ipynb #9af9f443
-@torch.no_grad()
-def low_t_shift(rec, # a `TrajectoryRecorder`
-                post, # a posterior (`ExactPosterior` or `EstimatedPosterior`)
-                reference, # forward states: (n, t) -> x_t
-                t_max:float=0.5)->tuple:
-    "Per sample, E[t|x] averaged over the recorded steps with t <= t_max: (sampler states [n], forward states [n])."
-    steps = [(t, x) for t, x in zip(rec.ts, rec.xs) if t <= t_max]
-    mean_t = lambda x: (post(x) @ post.grid.float()).double()
-    return (torch.stack([mean_t(x) for _, x in steps]).mean(0),
-            torch.stack([mean_t(reference(len(x), t)) for t, x in steps]).mean(0))
+    out = {'fid': frechet_batch(*boot_stats(f, ix), *boot_stats(r, ir)), 'kid_mean': kid_boot(f, r, ix, ir),
+           'precision': prec[ix].mean(1), 'recall': rec[ir].mean(1)}
+    return out | ({'isc_mean': isc_boot(logits, ix)} if logits is not None else {})
 
 # %% ../nbs/14a_intervals.ipynb #ad6e54b4
 def pool_seeds(points, # the point estimate of each of k independently trained models [k]
@@ -139,9 +165,10 @@ def pool_seeds(points, # the point estimate of each of k independently trained m
     return float(torch.as_tensor(points, dtype=torch.float64).mean()), pooled
 
 # %% ../nbs/14a_intervals.ipynb #daddee89
-def _five(p, b, bp, bb, level):
+def _five(p, b, bp, bb, level, bounds):
     "lo, hi, delta, delta_lo, delta_hi of one metric of one row (bp, bb: the baseline's point and resamples, or None)."
-    return [*interval(p, b, level), *(paired_delta(p, b, bp, bb, level) if bb is not None else [float('nan')] * 3)]
+    return [*interval(p, b, level, bounds),
+            *(paired_delta(p, b, bp, bb, level) if bb is not None else [float('nan')] * 3)]
 
 def add_intervals(res:pd.DataFrame, # one row per run, with the point estimates
                   boots:list, # per row, {metric: bootstrap values [B]} (rows of one cell share their resamples)
@@ -154,8 +181,9 @@ def add_intervals(res:pd.DataFrame, # one row per run, with the point estimates
     base_of = {k: i for i, k in enumerate(keys) if res.method[i] == base}
     cols, order = {}, []
     for m in (boots[0] if boots else {}):
+        rng = METRIC_RANGES.get(m, (None, None))
         rows = [_five(res.at[i, m], boots[i][m], *((res.at[j, m], boots[j][m]) if (j := base_of.get(k)) is not None
-                                                   else (float('nan'), None)), level) for i, k in enumerate(keys)]
+                                                   else (float('nan'), None)), level, rng) for i, k in enumerate(keys)]
         names = [f'{m}_lo', f'{m}_hi', f'delta_{m}', f'delta_{m}_lo', f'delta_{m}_hi']
         cols.update(zip(names, map(list, zip(*rows)))); order.append((m, names))
     out, extra = pd.concat([res, pd.DataFrame(cols)], axis=1), dict(order)

@@ -10,10 +10,12 @@ import torch, pandas as pd
 import matplotlib.pyplot as plt
 from .core import ConfigError, check_choice
 from .interpolants import get_interpolant
+from .intervals import interval
 
 # %% auto #0
-__all__ = ['ExactPosterior', 'EstimatedPosterior', 'TrajectoryRecorder', 'mixture_reference', 'dataset_reference', 'shift_stats',
-           'tbin_table', 'predicted_shift', 'fit_error_scale', 'plot_posterior_heatmap', 'plot_shift_curves']
+__all__ = ['ExactPosterior', 'EstimatedPosterior', 'TrajectoryRecorder', 'mixture_reference', 'dataset_reference',
+           'reference_stats', 'shift_stats', 'low_t_shift', 'tbin_table', 'predicted_shift', 'fit_error_scale',
+           'plot_posterior_heatmap', 'plot_shift_curves']
 
 # %% ../nbs/13_shift.ipynb #dd418c10
 class ExactPosterior:
@@ -52,21 +54,46 @@ def dataset_reference(ds, path, seed:int=0):
     return ref
 
 def _stats(post, x):
-    "Mean over samples of E[t|x] and of the MAP, and the mean posterior."
+    "Per-sample E[t|x] [N] (float64), the mean of the MAP, and the mean posterior."
     p = post(x)
-    return (p @ post.grid).mean().item(), post.grid[p.argmax(1)].mean().item(), p.mean(0)
+    return (p @ post.grid).double(), post.grid[p.argmax(1)].mean().item(), p.mean(0)
 
-def shift_stats(rec:TrajectoryRecorder, post, reference=None)->tuple:
+def reference_stats(post, reference, n:int, t:float, cache:dict|None=None)->tuple:
+    ("`_stats` of n forward states at t; with `cache` (a dict), computed once per (posterior, n, t): "
+     "for a reference that returns the same states on every call.")
+    if cache is None: return _stats(post, reference(n, t))
+    key = (id(post), n, round(float(t), 6))
+    if key not in cache: cache[key] = _stats(post, reference(n, t))
+    return cache[key]
+
+def shift_stats(rec:TrajectoryRecorder, post, reference=None,
+                boot:tuple|None=None, # (rows of the states, rows of the forward states) [B, n]: intervals too
+                level:float=0.95, cache:dict|None=None)->tuple: # cache: see `reference_stats`
     "(DataFrame of shift per step, mean-posterior heatmap [steps, G]) for a recorded trajectory."
     rows, heat = [], []
     for i, (t, x) in enumerate(zip(rec.ts, rec.xs)):
         m, mp, h = _stats(post, x)
-        row = {'step': i + 1, 't': t, 'post_mean': m, 'shift': m - t, 'map_shift': mp - t}
+        row = {'step': i + 1, 't': t, 'post_mean': m.mean().item(), 'shift': m.mean().item() - t, 'map_shift': mp - t}
         if reference is not None:
-            rm, rmp, _ = _stats(post, reference(len(x), t))
-            row.update(ref_shift=rm - t, ref_map_shift=rmp - t, excess_shift=m - rm)
+            rm, rmp, _ = reference_stats(post, reference, len(x), t, cache)
+            d = m.mean().item() - rm.mean().item()
+            row.update(ref_shift=rm.mean().item() - t, ref_map_shift=rmp - t, excess_shift=d)
+            if boot is not None:
+                b = m[boot[0]].mean(1) - rm[boot[1]].mean(1)
+                row.update(zip(('excess_shift_lo', 'excess_shift_hi'), interval(d, b, level)))
         rows.append(row); heat.append(h)
     return pd.DataFrame(rows), torch.stack(heat)
+
+@torch.no_grad()
+def low_t_shift(rec, # a `TrajectoryRecorder`
+                post, # a posterior (`ExactPosterior` or `EstimatedPosterior`)
+                reference, # forward states: (n, t) -> x_t
+                t_max:float=0.5,
+                cache:dict|None=None)->tuple: # see `reference_stats`
+    "Per sample, E[t|x] averaged over the recorded steps with t <= t_max: (sampler states [n], forward states [n])."
+    steps = [(t, x) for t, x in zip(rec.ts, rec.xs) if t <= t_max]
+    return (torch.stack([_stats(post, x)[0] for _, x in steps]).mean(0),
+            torch.stack([reference_stats(post, reference, len(x), t, cache)[0] for t, x in steps]).mean(0))
 
 # %% ../nbs/13_shift.ipynb #e8cdf9c3
 def tbin_table(df:pd.DataFrame, keys:list, bins:int=10)->pd.DataFrame:
