@@ -19,7 +19,7 @@ $(STAMP): setup.py settings.ini
 
 # The mixture study, then the reduced digits study; their findings (generated from results.csv) go into README.md.
 demo: install
-	$(PY) -m nag_toolkit.cli study --out runs/demo
+	$(PY) -m nag_toolkit.cli study --preset demo --out runs/demo
 	$(PY) -m nag_toolkit.cli study --preset digits-demo --out runs/demo/digits
 	$(PY) -m nag_toolkit.cli findings runs/demo runs/demo/digits --out findings/demo.md
 	$(PY) tools/make_readme.py

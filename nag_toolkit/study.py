@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 from .core import (ConfigError, check_choice, check_range, config_from_dict, sample_generators,
                               randn_per_sample)
 from .core import check_out_dir, RunLock, progress
+from .sweep import Sweep, EXECUTORS, expand, run_sweep
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, run_sampler, start_state, time_grid
@@ -25,20 +26,21 @@ from .train import TrainConfig, train, training_report, load_trained
 from .estimator import build_estimator, train_estimator, save_estimator, load_estimator, calibration
 from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table,
                                mixture_reference, dataset_reference, fit_error_scale, predicted_shift,
-                               plot_posterior_heatmap, plot_shift_curves)
+                               plot_posterior_heatmap, plot_shift_curves, low_t_shift)
 from .metrics import (mixture_metrics, load_feature_extractor, extract_features, reference_features,
                                  metric_layers, as_images, _feature_metrics)
-from .intervals import (boot_indices, mixture_boot, image_boot, low_t_shift, add_intervals, pool_seeds,
+from .intervals import (boot_indices, mixture_boot, image_boot, add_intervals, pool_seeds,
                                    MIXTURE_BOOT, IMAGE_BOOT)
 
 # %% auto #0
 __all__ = ['STUDY_DATASETS', 'BUILDERS', 'SHIFT_METHODS', 'CELL', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER', 'SAMPLER_NAMES',
-           'GUIDED', 'PIPELINES', 'QUICK', 'DIGITS_DEMO', 'FULL', 'PRESETS', 'StudyConfig', 'study_from_dict',
-           'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods', 'start_noise',
-           'Scorer', 'one_run', 'stage_evaluate', 'fig_shift_vs_steps', 'fig_heatmaps', 'fig_shift_curves',
-           'fig_samplers', 'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt', 'headline', 'md_table', 'claim',
-           'findings', 'findings_md', 'fig_sample_grid', 'write_report', 'run_study', 'pool_studies',
-           'fig_where_nag_helps', 'map_findings', 'run_models', 'collect_findings']
+           'GUIDED', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'PRESETS', 'SIDES', 'StudyConfig',
+           'study_from_dict', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods',
+           'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'fig_shift_vs_steps', 'fig_heatmaps',
+           'fig_shift_curves', 'fig_samplers', 'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt', 'headline',
+           'md_table', 'claim', 'findings', 'findings_md', 'fig_sample_grid', 'write_report', 'run_studies',
+           'run_study', 'pool_studies', 'fig_where_nag_helps', 'map_findings', 'map_conclusions', 'run_models',
+           'collect_findings']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -73,6 +75,8 @@ class StudyConfig:
     models: list = field(default_factory=list)
     seed: int = 0
     notebooks: bool = True          # run the pipeline notebooks through papermill (else in-process)
+    workers: int = 1                # with seeds or models: sub-studies at a time (a `nag-toolkit sweep`)
+    executor: str = 'local'         # ... run by a local process pool, or submitit / slurm (see `sweep`)
 
 STUDY_DATASETS = (*MIXTURES, 'digits')   # mixtures: exact metrics and posterior; digits: FID & co. and the estimator
 
@@ -86,6 +90,7 @@ def study_from_dict(d:dict)->StudyConfig:
     check_range('n_boot', cfg.n_boot, 20); check_range('level', cfg.level, 0, 1, lo_open=True, hi_open=True)
     check_range('p_drop', cfg.p_drop, 0, 1, hi_open=True)
     for n in cfg.models: check_range('models', n, 1)
+    check_range('workers', cfg.workers, 1); check_choice('executor', cfg.executor, EXECUTORS)
     return cfg
 
 StudyConfig.from_dict = staticmethod(study_from_dict)
@@ -208,8 +213,8 @@ class Scorer:
                     mixture_boot(self.gm, x0, ref, self.rows(n), self.rows(n, 1), n_proj=k))
         f = extract_features(self.fe, as_images(x0.clamp(-1, 1)))
         point = _feature_metrics(f, self.ref_feats, self.layers, min(1000, len(x0)), 20, 3, 2020)
-        r = self.ref_feats[self.layers['fid']]
-        return point, image_boot(f[self.layers['fid']], r, self.rows(len(x0)), self.rows(len(r), 1))
+        r, logits = self.ref_feats[self.layers['fid']], f.get(self.layers.get('isc'))
+        return point, image_boot(f[self.layers['fid']], r, self.rows(len(x0)), self.rows(len(r), 1), logits=logits)
 
 # %% ../nbs/15_study.ipynb #71ae7808
 def _floor_sampler(x0, forward):
@@ -220,9 +225,9 @@ def _floor_sampler(x0, forward):
         return x0[:len(x)]
     return sample
 
-def _shift_boot(rec, post, ref, scorer)->tuple:
+def _shift_boot(rec, post, ref, scorer, cache)->tuple:
     "The low-t excess shift from per-sample values, and its bootstrap values (rows shared by every run of a size)."
-    v, rv = low_t_shift(rec, post, ref)
+    v, rv = low_t_shift(rec, post, ref, cache=cache)
     return v.mean().item() - rv.mean().item(), v[scorer.rows(len(v), 2)].mean(1) - rv[scorer.rows(len(rv), 3)].mean(1)
 
 def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dict, scorer:Scorer)->tuple:
@@ -239,12 +244,13 @@ def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dic
     key = {'method': m.name, 'family': m.family, 'w': m.w, 'sampler': sampler, 'steps': steps}
     shift_rows = []
     for pname, post in posts.items():
-        df, heat = shift_stats(rec, post, refs[pname])
+        rows = (scorer.rows(keep_n := len(rec.xs[0]), 2), scorer.rows(keep_n, 3)) if rec.xs else None
+        df, heat = shift_stats(rec, post, refs[pname], boot=rows, level=cfg.level, cache=refs['_stats'])
         shift_rows.append(df.assign(posterior=pname, **key))
         refs.setdefault('_heat', {})[(m.name, sampler, steps, pname)] = heat
     pname = next(iter(posts))                  # the primary posterior: exact where there is one
     point, boots = scorer.measure(x0)
-    boots['excess_shift_low_t'] = (b := _shift_boot(rec, posts[pname], refs[pname], scorer))[1]
+    boots['excess_shift_low_t'] = (b := _shift_boot(rec, posts[pname], refs[pname], scorer, refs['_stats']))[1]
     row = {**key, **point, 'excess_shift': shift_rows[0].excess_shift.mean(), 'excess_shift_low_t': b[0],
            'seconds': secs}
     return row, pd.concat(shift_rows), boots, x0
@@ -292,7 +298,7 @@ def stage_evaluate(cfg:StudyConfig)->dict:
     scorer = Scorer(cfg, ds, gm)
     forward = (lambda s: mixture_reference(gm, cfg.path, s)) if mix else (lambda s: dataset_reference(ds, cfg.path, s))
     refs = {'exact': _cached_reference(forward(cfg.seed + 3)), 'g': _cached_reference(forward(cfg.seed + 3)),
-            'floor': forward(cfg.seed + 9)}
+            'floor': forward(cfg.seed + 9), '_stats': {}}       # _stats: posterior statistics of the reference states
     rows, shifts, boots, grids, post_g = [], [], [], {}, EstimatedPosterior(ctx.est)
     for name, sampler, steps, n in progress(_jobs(cfg, list(methods)), desc='sweep'):
         posts = _posteriors(name, sampler, mix, gm, cfg, post_g)
@@ -645,22 +651,36 @@ def _run_one(cfg:StudyConfig):
     else: stage_train(cfg); stage_estimator(cfg); write_report(cfg, stage_evaluate(cfg))
     return bool(kernel and PIPELINES.is_dir())
 
+def run_studies(cfg:StudyConfig, name:str, values:list)->list:
+    ("One study per value of option `name` (seed or train_steps): a sweep of pipelines/study.ipynb where a kernel "
+     "exists, else one after another here; returns their folders.")
+    base = {**asdict(cfg), 'seeds': 1, 'models': [], 'notebooks': False}
+    kernel = _kernel() if cfg.notebooks else None
+    if not (kernel and PIPELINES.is_dir()):
+        outs = [Path(cfg.out) / 'studies' / f'{name}={v}' for v in values]
+        for v, o in zip(values, outs): _run_one(StudyConfig.from_dict({**base, name: v, 'out': str(o)}))
+        return outs
+    sw = Sweep(notebook=str(PIPELINES / 'study.ipynb'), grid={name: list(values)}, out=str(Path(cfg.out) / 'studies'),
+               parameters={'study': base}, executor=cfg.executor, workers=cfg.workers, kernel=kernel)
+    rep = run_sweep(sw)
+    if not rep.ok: raise ConfigError(f"study {rep.failures.run[0]} failed: {rep.failures.error[0]} "
+                                     f"(its notebook: {rep.failures.notebook[0]})")
+    return [r.dir for r in expand(sw)]
+
 def run_study(cfg:StudyConfig|dict)->Path:
-    ("Run the whole study into `cfg.out` (with `seeds` > 1: one study per seed in out/seed<s>/, pooled); "
-     "returns summary.md.")
+    ("Run the whole study into `cfg.out` (with `seeds` > 1: one study per seed, pooled; with `models`: one per "
+     "denoiser quality, and the map); returns summary.md (map.md with `models`).")
     cfg = StudyConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     cfg = dataclasses.replace(cfg, out=str(check_out_dir(cfg.out).resolve()))   # the notebooks run with it as cwd
     out, t0 = Path(cfg.out), time.perf_counter()
-    if cfg.models: return run_models(cfg)
     with RunLock(check_out_dir(out, create=True)):              # one study per folder
         (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
-        if cfg.seeds == 1: nbs = _run_one(cfg)
-        else:
-            subs = [dataclasses.replace(cfg, seed=cfg.seed + s, seeds=1, out=str(out / f'seed{cfg.seed + s}'))
-                    for s in range(cfg.seeds)]
-            nbs = all([_run_one(c) for c in subs]); pool_studies(cfg, [Path(c.out) for c in subs])
+        if cfg.models: res = run_models(cfg)
+        elif cfg.seeds == 1: _run_one(cfg); res = out / 'summary.md'
+        else: res = pool_studies(cfg, run_studies(cfg, 'seed', [cfg.seed + s for s in range(cfg.seeds)]))
+        nbs = bool(cfg.notebooks and _kernel() and PIPELINES.is_dir())
         (out / 'timing.json').write_text(json.dumps({'seconds': time.perf_counter() - t0, 'notebooks': nbs}))
-    return out / 'summary.md'
+    return res
 
 # %% ../nbs/15_study.ipynb #d331871c
 def pool_studies(cfg:StudyConfig, outs:list)->Path:
@@ -689,15 +709,19 @@ def pool_studies(cfg:StudyConfig, outs:list)->Path:
 # %% ../nbs/15_study.ipynb #eb4383e8
 QUICK = {'train_steps': 150, 'estimator_steps': 150, 'n_samples': 400, 'n_shift': 128, 'steps': [8],
          'shift_steps': [8, 32], 'samplers': ['euler', 'euler_maruyama'], 'w_nag': [1.0], 'w_cb': [1.0], 'n_boot': 50}
-# the reduced digits study of `make demo`: no guidance against both NAGs at a few weights, two samplers, two step counts
+# `make demo`, within 5 minutes on 2 CPU cores with the digits study: the mixture at 8 steps, both samplers, every
+# family, the shift against steps up to 128
+DEMO = {'train_steps': 1500, 'estimator_steps': 500, 'n_samples': 1000, 'steps': [8], 'shift_steps': [8, 32, 128],
+        'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0]}
+# the reduced digits study of `make demo`: no guidance against both NAGs at a few weights, two samplers, 8 steps
 DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 400, 'batch_size': 128, 'estimator_steps': 300, 'n_samples': 400,
-               'n_shift': 128, 'steps': [8, 16], 'shift_steps': [], 'samplers': ['euler', 'euler_maruyama'],
+               'n_shift': 128, 'steps': [8], 'shift_steps': [], 'samplers': ['euler', 'euler_maruyama'],
                'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0], 'baselines': False}
 # where NAG helps: w x steps x sampler, a weak and a strong denoiser (`models`: their training steps)
 FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'],
         'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0], 'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 1000, 'shift_steps': [],
         'baselines': False, 'exact': False, 'models': [800, 8000]}
-PRESETS = {'quick': QUICK, 'digits-demo': DIGITS_DEMO, 'full': FULL}
+PRESETS = {'quick': QUICK, 'demo': DEMO, 'digits-demo': DIGITS_DEMO, 'full': FULL}
 
 # %% ../nbs/15_study.ipynb #b4571260
 def _map_rows(res:pd.DataFrame, model:str)->pd.DataFrame:
@@ -729,19 +753,45 @@ def map_findings(m:pd.DataFrame, metric:str='fd')->pd.DataFrame:
     return pd.DataFrame({'better at w': g.apply(ws('better')), 'worse at w': g.apply(ws('worse')),
                          'no difference at w': g.apply(ws('no difference'))}).reset_index()
 
+SIDES = {'fd': ('coverage_tv', 'nll_gap'), 'fid': ('precision', 'recall')}   # the two sides of each main metric
+
+def _values(v)->str: return ', '.join(f'{x:g}' for x in sorted(set(v)))
+
+def map_conclusions(m:pd.DataFrame, metric:str='fd')->list:
+    ("Generated sentences, one per model and family: in how many cells (sampler x steps x w) NAG lowers or raises "
+     "`metric` (intervals excluding 0), where it lowers it, and its largest drop with the two sides' changes.")
+    out = []
+    for (mo, fa), d in m[m.family != 'none'].groupby(['model', 'family'], sort=False):
+        lo, hi = d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi']
+        down, up = d[hi < 0], d[lo > 0]
+        s = (f"**{fa}, {mo}**: {metric} lower in {len(down)} of {len(d)} cells (sampler x steps x w), "
+             f"higher in {len(up)}, no difference in {len(d) - len(down) - len(up)}.")
+        if len(down):
+            where = '; '.join(f"{SAMPLER_NAMES.get(sa, sa)} at {_values(b.steps)} steps (w {_values(b.w)})"
+                              for sa, b in down.groupby('sampler'))
+            r = down.loc[down[f'delta_{metric}'].idxmin()]
+            sides = ', '.join(f"{x} {fmt(*r[[f'delta_{x}', f'delta_{x}_lo', f'delta_{x}_hi']], sign='+')}"
+                              for x in SIDES.get(metric, ()) if f'delta_{x}' in r)
+            s += (f" Lower with {where}. Largest drop: {SAMPLER_NAMES.get(r.sampler, r.sampler)}, {r.steps:g} steps, "
+                  f"w = {r.w:g}: {metric} changes by {fmt(*r[[f'delta_{metric}', f'delta_{metric}_lo', f'delta_{metric}_hi']], sign='+')}"
+                  + (f" ({sides})." if sides else "."))
+        out.append(s)
+    return out
+
 def run_models(cfg:StudyConfig)->Path:
-    "One study per denoiser quality (`cfg.models`: training steps) in out/steps<n>/, then the map of where NAG helps."
+    "One study per denoiser quality (`cfg.models`: training steps), then the map of where NAG helps (map.md)."
     out, metric = Path(cfg.out), 'fd' if cfg.dataset in MIXTURES else 'fid'
-    subs = [dataclasses.replace(cfg, train_steps=n, models=[], out=str(out / f'steps{n}')) for n in cfg.models]
-    for c in subs: run_study(c)
-    m = pd.concat([_map_rows(pd.read_csv(Path(c.out) / 'results.csv'), f'{c.train_steps} training steps')
-                   for c in subs])
+    outs = run_studies(cfg, 'train_steps', cfg.models)
+    m = pd.concat([_map_rows(pd.read_csv(Path(o) / 'results.csv'), f'{n} training steps')
+                   for n, o in zip(cfg.models, outs)])
     m.to_csv(out / 'map.csv', index=False)
     fig = fig_where_nag_helps(m, metric); fig.savefig(out / 'where_nag_helps.png', dpi=110); plt.close(fig)
     table = map_findings(m, metric)
+    table.to_csv(out / 'map_verdicts.csv', index=False)
     (out / 'map.md').write_text(f'# Where NAG helps: {cfg.dataset}\n\n![where NAG helps](where_nag_helps.png)\n\n'
                                 f'Verdicts on the paired change of {metric} against no guidance '
-                                f'({cfg.level:.0%} intervals):\n\n{md_table(table.set_index("model"))}\n')
+                                f'({cfg.level:.0%} intervals):\n\n{md_table(table.set_index("model"))}\n\n'
+                                + '\n'.join(f'- {c}' for c in map_conclusions(m, metric)) + '\n')
     return out / 'map.md'
 
 # %% ../nbs/15_study.ipynb #6fd98e02

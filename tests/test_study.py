@@ -64,6 +64,9 @@ def test_quick_study_on_digits_in_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = _check_report(tmp_path, {'none', 'cf-NAG w=1', 'cb-NAG w=1'})
     assert {'fid', 'kid_mean', 'precision', 'recall', 'fid_lo', 'delta_recall_hi'} <= set(res.columns) and res.fid.notna().all()
+    for m in ('kid_mean', 'isc_mean'):                            # KID and IS carry intervals too
+        assert res[[f'{m}_lo', f'{m}_hi', f'delta_{m}_lo', f'delta_{m}_hi']].notna().all().all(), m
+    assert (res.fid_lo >= 0).all() and (res.isc_mean_lo >= 1).all()   # the intervals stay in the metrics' ranges
     fl = res[res.method == 'floor'].iloc[0]
     assert fl.fid < res[res.method == 'none'].fid.min()           # held-out digits sit far below an untrained model
     for f in ('samples_euler_8.png', 'samples_euler_maruyama_8.png'): assert (tmp_path / f).stat().st_size > 0
@@ -74,12 +77,27 @@ def test_seeds_are_pooled(tmp_path):
     from nag_toolkit.study import run_study, QUICK
     run_study({**QUICK, 'seeds': 2, 'samplers': ['euler'], 'shift_steps': [8], 'train_steps': 60, 'estimator_steps': 60, 'n_samples': 200,
                'exact': False, 'baselines': False, 'out': str(tmp_path), 'notebooks': False})
-    pooled, a, b = (pd.read_csv(tmp_path / d / 'results.csv') for d in ('.', 'seed0', 'seed1'))
+    pooled, a, b = (pd.read_csv(tmp_path / d / 'results.csv') for d in ('.', 'studies/seed=0', 'studies/seed=1'))
     assert list(pooled.method) == list(a.method) == list(b.method)
     assert pooled.fd.tolist() == pytest.approx(((a.fd + b.fd) / 2).tolist(), abs=1e-12)
     assert (pooled.fd_lo <= pooled.fd).all() and (pooled.fd <= pooled.fd_hi).all()
     assert pooled.delta_fd.tolist() == pytest.approx((pooled.fd - pooled[pooled.method == 'none'].fd.item()).tolist(), abs=1e-12)
     _check_findings(tmp_path)
+
+def test_seeds_run_as_a_sweep_of_the_study_notebook(tmp_path):
+    "Through a kernel, the studies of several seeds are one `nag-toolkit sweep` of pipelines/study.ipynb, 2 at a time."
+    from nag_toolkit.study import run_study, QUICK
+    opts = {**QUICK, 'seeds': 2, 'workers': 2, 'samplers': ['euler'], 'shift_steps': [], 'train_steps': 40,
+            'estimator_steps': 40, 'n_samples': 150, 'n_shift': 64, 'exact': False, 'baselines': False, 'n_boot': 20}
+    run_study({**opts, 'out': str(tmp_path)})
+    runs = pd.read_csv(tmp_path / 'studies' / 'results.csv')          # the sweep's table: one row per study
+    assert sorted(runs.seed) == [0, 1] and (runs.seconds > 0).all()
+    dirs = sorted((tmp_path / 'studies' / 'runs').iterdir())
+    seeds = [json.loads((d / 'config.json').read_text())['seed'] for d in dirs]
+    assert sorted(seeds) == [0, 1] and all((d / 'run.ipynb').exists() and (d / 'results.csv').exists() for d in dirs)
+    pooled = pd.read_csv(tmp_path / 'results.csv')
+    a, b = (pd.read_csv(d / 'results.csv') for d in dirs)
+    assert pooled.fd.tolist() == pytest.approx(((a.fd + b.fd) / 2).tolist(), abs=1e-12)
 
 @pytest.mark.parametrize('args,match', [(['--set', 'dataset=imagenet'], "dataset='imagenet' is not allowed"),
                                         (['--dataset', 'imagenet'], "dataset='imagenet' is not allowed"),
