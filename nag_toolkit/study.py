@@ -720,7 +720,7 @@ DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 400, 'batch_size': 128, 'esti
 # where NAG helps: w x steps x sampler, a weak and a strong denoiser (`models`: their training steps)
 FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'],
         'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0], 'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 1000, 'shift_steps': [],
-        'baselines': False, 'exact': False, 'models': [800, 8000]}
+        'n_shift': 64, 'baselines': False, 'exact': False, 'models': [800, 8000], 'workers': 2}
 PRESETS = {'quick': QUICK, 'demo': DEMO, 'digits-demo': DIGITS_DEMO, 'full': FULL}
 
 # %% ../nbs/15_study.ipynb #b4571260
