@@ -137,6 +137,8 @@ def plot_shift_curves(df:pd.DataFrame, by:str='label', value:str='shift', title:
     if ax is None: _, ax = plt.subplots(figsize=(5, 3.4))
     for key, d in df.groupby(by, sort=False):
         line, = ax.plot(d.t, d[value], 'o-', ms=3, label=str(key))
+        if f'{value}_lo' in d:                                  # the 95% interval of each step, as a band
+            ax.fill_between(d.t, d[f'{value}_lo'], d[f'{value}_hi'], color=line.get_color(), alpha=0.2, lw=0)
         if 'ref_shift' in d and value == 'shift': ax.plot(d.t, d.ref_shift, '--', color=line.get_color(), lw=0.8)
     ax.axhline(0, color='k', lw=0.5)
     ax.set(xlabel='scheduled t', ylabel=value, title=title); ax.legend(fontsize=7)

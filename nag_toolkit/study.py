@@ -4,14 +4,13 @@
 
 # %% ../nbs/15_study.ipynb #f1fd08ec
 from __future__ import annotations
-import dataclasses, json, math, shutil, subprocess, sys, time
+import dataclasses, json, shutil, time
 from dataclasses import dataclass, field, asdict
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 import torch, pandas as pd
-import matplotlib
 import matplotlib.pyplot as plt
 from .core import (ConfigError, check_choice, check_range, config_from_dict, sample_generators,
                               randn_per_sample)
@@ -25,22 +24,18 @@ from .guidance import (Denoiser, GuidedDenoiser, ClassifierNAG, EpsScaling, Time
 from .train import TrainConfig, train, training_report, load_trained
 from .estimator import build_estimator, train_estimator, save_estimator, load_estimator, calibration
 from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table,
-                               mixture_reference, dataset_reference, fit_error_scale, predicted_shift,
-                               plot_posterior_heatmap, plot_shift_curves, low_t_shift)
+                               mixture_reference, dataset_reference, low_t_shift)
 from .metrics import (mixture_metrics, load_feature_extractor, extract_features, reference_features,
                                  metric_layers, as_images, _feature_metrics)
-from .intervals import (boot_indices, mixture_boot, image_boot, add_intervals, pool_seeds,
-                                   MIXTURE_BOOT, IMAGE_BOOT)
+from .intervals import boot_indices, mixture_boot, image_boot, add_intervals, pool_seeds
+from .report import *        # the figures, tables and findings (chapter 15a), re-exported here
+from .report import SHIFT_METHODS, write_report, _map_rows
 
 # %% auto #0
-__all__ = ['STUDY_DATASETS', 'BUILDERS', 'SHIFT_METHODS', 'CELL', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER', 'SAMPLER_NAMES',
-           'GUIDED', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'PRESETS', 'SIDES', 'StudyConfig',
+__all__ = ['STUDY_DATASETS', 'BUILDERS', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'PRESETS', 'StudyConfig',
            'study_from_dict', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods',
-           'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'fig_shift_vs_steps', 'fig_heatmaps',
-           'fig_shift_curves', 'fig_samplers', 'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt', 'headline',
-           'md_table', 'claim', 'findings', 'findings_md', 'fig_sample_grid', 'write_report', 'run_studies',
-           'run_study', 'pool_studies', 'fig_where_nag_helps', 'map_findings', 'map_conclusions', 'run_models',
-           'collect_findings']
+           'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'run_study', 'pool_studies',
+           'run_models']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -256,8 +251,6 @@ def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dic
     return row, pd.concat(shift_rows), boots, x0
 
 # %% ../nbs/15_study.ipynb #3a6fc335
-# the shift against steps, up to 250
-SHIFT_METHODS = ('floor', 'none', 'exact score', 'exact cf-NAG w=1', 'cf-NAG w=1')
 CELL = ['sampler', 'steps', 'n_samples']   # runs of one cell start from the same noise: their differences are paired
 
 def _cached_reference(reference):
@@ -311,303 +304,6 @@ def stage_evaluate(cfg:StudyConfig)->dict:
     tbin_table(sh, ['method', 'family', 'w', 'sampler', 'steps', 'posterior']).to_csv(out / 'shift_by_tbin.csv',
                                                                                         index=False)
     return {'results': res, 'shift': sh, 'heat': refs['_heat'], 'grids': grids}
-
-# %% ../nbs/15_study.ipynb #e2498ebe
-def _primary(sh:pd.DataFrame)->str:
-    "The posterior the figures read: the exact one where there is one, else the estimator's."
-    return 'exact' if (sh.posterior == 'exact').any() else 'g'
-
-def fig_shift_vs_steps(sh:pd.DataFrame):
-    ("Mean excess shift (t <= 0.5) against steps: learned and exact, with and without classifier-free NAG "
-     "(Euler, exact posterior).")
-    d = sh[(sh.sampler == 'euler') & (sh.posterior == _primary(sh)) & (sh.t <= 0.5) & sh.method.isin(SHIFT_METHODS)]
-    g = d.groupby(['method', 'steps']).excess_shift.mean().reset_index()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for m, dd in g.groupby('method'): ax.plot(dd.steps, dd.excess_shift, 'o-', label=m)
-    ax.axhline(0, color='k', lw=0.5)
-    ax.set(xscale='log', xlabel='sampling steps (Euler ODE)', ylabel='mean excess shift, t <= 0.5',
-           title='noise shift against steps')
-    ax.legend(fontsize=7); fig.tight_layout()
-    return fig
-
-def fig_heatmaps(heat:dict, sh:pd.DataFrame, steps:int):
-    ("The Fig. 1 heatmaps for the learned model (Euler): exact posterior and the estimator g, "
-     "and with classifier-free NAG.")
-    keys = [('none', 'euler', steps, 'exact'), ('none', 'euler', steps, 'g'),
-            ('cf-NAG w=1', 'euler', steps, 'exact'), ('cf-NAG w=1', 'euler', steps, 'g')]
-    keys = [k for k in keys if k in heat][:3]
-    fig, axs = plt.subplots(1, len(keys), figsize=(4.3 * len(keys), 3.6), squeeze=False)
-    for ax, k in zip(axs[0], keys):
-        d = sh[(sh.method == k[0]) & (sh.sampler == k[1]) & (sh.steps == k[2]) & (sh.posterior == k[3])]
-        grid = (torch.linspace(0.0025, 0.9975, heat[k].shape[1]) if k[3] == 'exact'
-                else torch.linspace(0.005, 0.995, heat[k].shape[1]))
-        plot_posterior_heatmap(heat[k], list(d.t), grid, f'{k[0]}, {k[2]} steps, {k[3]} posterior', ax=ax)
-    fig.tight_layout()
-    return fig
-
-def fig_shift_curves(sh:pd.DataFrame, steps:int):
-    "Excess shift against t for no guidance and classifier-free NAG weights (Euler, exact posterior)."
-    d = sh[(sh.sampler == 'euler') & (sh.steps == steps) & (sh.posterior == _primary(sh))
-           & ((sh.family == 'cf-NAG') | (sh.method.isin(['none', 'exact score'])))]
-    return plot_shift_curves(d, by='method', value='excess_shift',
-                             title=f'excess shift along sampling (Euler, {steps} steps)')
-
-def fig_samplers(sh:pd.DataFrame, steps:int):
-    "ODE against SDE: excess shift along sampling for the learned model and the exact score, per sampler."
-    d = sh[(sh.steps == steps) & (sh.posterior == _primary(sh)) & sh.method.isin(['none', 'exact score'])]
-    return plot_shift_curves(d.assign(label=d.method + ', ' + d.sampler), by='label', value='excess_shift',
-                             title=f'ODE vs SDE ({steps} steps)')
-
-def fig_metrics_vs_w(res:pd.DataFrame):
-    ("The two-sided metric and its two sides against the guidance weight, with intervals (fewest steps); "
-     "grey: the floor.")
-    d = res[(res.steps == res.steps.min()) & (res.n_samples == res.n_samples.max())]
-    fig, axs = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, col in zip(axs, ('fd', 'coverage_tv', 'nll_gap') if 'fd' in d else ('fid', 'precision', 'recall')):
-        for (fam, smp), dd in d[d.family.isin(['cf-NAG', 'cb-NAG'])].groupby(['family', 'sampler']):
-            dd = pd.concat([d[(d.method == 'none') & (d.sampler == smp)], dd])
-            ax.errorbar(dd.w, dd[col], yerr=[dd[col] - dd[f'{col}_lo'], dd[f'{col}_hi'] - dd[col]], fmt='o-', capsize=2,
-                        label=f'{fam}, {smp}')
-        if (d.method == 'floor').any():
-            fl = d[d.method == 'floor'].iloc[0]
-            ax.axhspan(fl[f'{col}_lo'], fl[f'{col}_hi'], color='0.85', label='floor')
-        ax.set(xlabel='guidance weight w', title=f'{col} at {d.steps.min()} steps')
-    axs[0].legend(fontsize=7); fig.tight_layout()
-    return fig
-
-def fig_statement1(sh:pd.DataFrame, path:str, steps:int):
-    "Excess shift of the learned model (Euler, exact posterior) and Statement 1 with the fitted error scale."
-    d = sh[(sh.method == 'none') & (sh.sampler == 'euler') & (sh.steps == steps) & (sh.posterior == _primary(sh))]
-    s_e = fit_error_scale(d.t, d.excess_shift, path)
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot(d.t, d.excess_shift, 'o-', label='measured (excess)')
-    tt = torch.linspace(0.01, 0.99, 100)
-    ax.plot(tt, predicted_shift(tt, s_e, path), 'k:', label=f'Statement 1, s_e = {s_e:.3f}')
-    ax.axhline(0, color='k', lw=0.5)
-    ax.set(xlabel='scheduled t', ylabel='shift', title=f'Statement 1 fit (Euler, {steps} steps)')
-    ax.legend(fontsize=7); fig.tight_layout()
-    return fig, s_e
-
-# %% ../nbs/15_study.ipynb #78e1c8b9
-HEADLINE = ['fd', 'sw2', 'mmd2', 'nll_gap', 'coverage_tv', 'excess_shift_low_t']             # mixtures
-HEADLINE_IMAGES = ['fid', 'precision', 'recall', 'excess_shift_low_t']                       # digits
-# the sign of "better"
-BETTER = {'fd': -1, 'sw2': -1, 'mmd2': -1, 'coverage_tv': -1, 'fid': -1, 'precision': 1, 'recall': 1}
-
-def verdict(metric:str, lo:float, hi:float)->str:
-    ("'better' or 'worse' ('lower' or 'higher' for a metric without a better side) where [lo, hi] excludes 0, "
-     "else 'no difference'.")
-    if not (lo > 0 or hi < 0): return 'no difference' if lo == lo and hi == hi else 'n/a'
-    up = lo > 0
-    if metric not in BETTER: return 'higher' if up else 'lower'
-    return 'better' if up == (BETTER[metric] > 0) else 'worse'
-
-def fmt(v:float, lo:float, hi:float, sign:str='')->str:
-    "A value and its interval, three significant digits: '0.123 [0.101, 0.14]'."
-    return f'{v:{sign}.3g} [{lo:{sign}.3g}, {hi:{sign}.3g}]'
-
-def _cell(res:pd.DataFrame, sampler:str, steps:int)->pd.DataFrame:
-    "The runs of one sampler and step count (the full sample size), one row per method, the floor first."
-    d = res[(res.sampler == sampler) & (res.steps == steps)
-            & (res.n_samples == res.n_samples.max())].set_index('method')
-    return d.loc[sorted(d.index, key=lambda m: m != 'floor')]
-
-def headline(res:pd.DataFrame, sampler:str='euler', steps:int|None=None, deltas:bool=False)->pd.DataFrame:
-    ("One row per method: each headline metric with its interval, "
-     "or (`deltas`) its paired difference against no guidance and the verdict.")
-    d = _cell(res, sampler, res.steps.min() if steps is None else steps)
-    cols = [c for c in (HEADLINE if 'fd' in res else HEADLINE_IMAGES) if f'{c}_lo' in d]
-    if not deltas:
-        return pd.DataFrame({c: [fmt(*r) for r in d[[c, f'{c}_lo', f'{c}_hi']].values] for c in cols}, index=d.index)
-    dd = d.drop(index='none')
-    return pd.DataFrame({c: [f'{fmt(*r, sign="+")} {verdict(c, *r[1:])}'
-                             for r in dd[[f'delta_{c}', f'delta_{c}_lo', f'delta_{c}_hi']].values]
-                         for c in cols}, index=dd.index)
-
-def md_table(df:pd.DataFrame)->str:
-    "A Markdown table (no extra dependency)."
-    cols = [df.index.name or ''] + list(df.columns)
-    lines = ['| ' + ' | '.join(map(str, cols)) + ' |', '|' + '---|' * len(cols)]
-    for i, r in df.iterrows():
-        lines.append('| ' + ' | '.join([str(i)] + [f'{v:.4g}' if isinstance(v, float) else str(v) for v in r]) + ' |')
-    return '\n'.join(lines)
-
-# %% ../nbs/15_study.ipynb #bb7075c3
-SAMPLER_NAMES = {'euler': 'Euler', 'heun': 'Heun', 'euler_maruyama': 'Euler-Maruyama', 'dpmpp_2m': 'DPM-Solver++(2M)'}
-
-def claim(res:pd.DataFrame, method:str, sampler:str, steps:int, metric:str)->dict:
-    ("One checked claim: a method against no guidance on one metric, "
-     "with both values, the paired difference and the verdict.")
-    d = _cell(res, sampler, steps)
-    r, b = d.loc[method], d.loc['none']
-    c = {'method': method, 'sampler': sampler, 'steps': int(steps), 'n_samples': int(r.n_samples), 'metric': metric,
-         'value': r[metric], 'lo': r[f'{metric}_lo'], 'hi': r[f'{metric}_hi'],
-         'base': b[metric], 'base_lo': b[f'{metric}_lo'], 'base_hi': b[f'{metric}_hi'],
-         'delta': r[f'delta_{metric}'], 'delta_lo': r[f'delta_{metric}_lo'], 'delta_hi': r[f'delta_{metric}_hi']}
-    c = {k: (float(v) if isinstance(v, (float, int)) and k not in ('steps', 'n_samples') else v) for k, v in c.items()}
-    c['verdict'] = (verdict(metric, c['delta_lo'], c['delta_hi']) if method != 'floor'
-                    else _floor_verdict(c['delta_lo'], c['delta_hi']))
-    c['text'] = (f"{metric} {fmt(c['base'], c['base_lo'], c['base_hi'])} -> {fmt(c['value'], c['lo'], c['hi'])}, "
-                 f"difference {fmt(c['delta'], c['delta_lo'], c['delta_hi'], '+')}: {c['verdict']}")
-    return c
-
-def _floor_verdict(lo:float, hi:float)->str:
-    "Where no guidance stands against the floor (the difference is floor minus no guidance)."
-    if lo <= 0 <= hi: return 'no guidance at the floor'
-    return 'no guidance above the floor' if hi < 0 else 'no guidance below the floor'
-
-GUIDED = ('cf-NAG', 'cb-NAG', 'exact cf-NAG', 'exact cb-NAG', 'eps scaling', 'time shift')
-
-def _cells(res:pd.DataFrame)->list:
-    "(sampler, steps) of every cell at the full sample size, fewest steps first."
-    d = res[res.n_samples == res.n_samples.max()][['sampler', 'steps']].drop_duplicates()
-    return sorted(((s, int(k)) for s, k in d.values), key=lambda c: (c[1], c[0]))
-
-def _pick(res:pd.DataFrame, family:str)->str|None:
-    "The method of a family that the claims cite: w = 1, else its first weight (None if the family did not run)."
-    d = res[res.family == family].drop_duplicates('method')
-    return (d[d.w == 1.0].method.tolist() or d.method.tolist() or [None])[0]
-
-def _groups(res:pd.DataFrame)->list:
-    "(method, sampler, steps, headline) of every claim group: the floor, then each family's cited method in every cell."
-    cells = _cells(res); low = cells[0][1]
-    groups = [('floor', s, k, True) for s, k in cells if k == low]
-    for fam in GUIDED:
-        if (m := _pick(res, fam)): groups += [(m, s, k, k == low and not fam.startswith('exact')) for s, k in cells]
-    return groups
-
-def findings(res:pd.DataFrame)->list:
-    "The study's claims, generated from `results.csv`: per group, the main metric, its two sides and the shift."
-    mets = (['fd', 'coverage_tv', 'nll_gap', 'excess_shift_low_t'] if 'fd' in res
-            else ['fid', 'precision', 'recall', 'excess_shift_low_t'])
-    out = []
-    for m, s, k, head in _groups(res):
-        out.append({'method': m, 'sampler': s, 'steps': k, 'headline': bool(head),
-                    'claims': [claim(res, m, s, k, x) for x in mets]})
-    return out
-
-def findings_md(groups:list, dataset:str, only_headline:bool=False)->str:
-    "The claims as a Markdown list: one bullet per method, sampler and step count."
-    lines = []
-    for g in groups:
-        if only_headline and not g['headline']: continue
-        who = '**the floor** (fresh true samples)' if g['method'] == 'floor' else f"**{g['method']}**"
-        lines.append(f"- `{dataset}`, {who} against no guidance, "
-                     f"{SAMPLER_NAMES.get(g['sampler'], g['sampler'])}, {g['steps']} steps: "
-                     + '; '.join(c['text'] for c in g['claims']) + '.')
-    return '\n'.join(lines)
-
-# %% ../nbs/15_study.ipynb #36486261
-def fig_sample_grid(grids:dict, methods:list, sampler:str, steps:int):
-    "Images from the same starting noise, one row per method (the floor's row: held-out images)."
-    rows = [(m, grids[f'{m}|{sampler}|{steps}']) for m in methods if f'{m}|{sampler}|{steps}' in grids]
-    fig, axs = plt.subplots(len(rows), 1, figsize=(8, 1.05 * len(rows)), squeeze=False)
-    for ax, (m, x) in zip(axs[:, 0], rows):
-        ax.imshow(torch.cat(list(x.clamp(-1, 1)[:, 0]), 1), cmap='gray', vmin=-1, vmax=1)
-        ax.set_xticks([]); ax.set_yticks([]); ax.set_ylabel(m, rotation=0, ha='right', va='center', fontsize=8)
-    fig.suptitle(f'{SAMPLER_NAMES.get(sampler, sampler)}, {steps} steps: each column starts from the same noise',
-                 fontsize=9)
-    fig.tight_layout()
-    return fig
-
-def _figures(cfg:StudyConfig, res, sh, ev)->tuple:
-    "Every figure of the report (name -> figure) and the fitted Statement 1 error scale."
-    k0, figs = min(cfg.steps), {}
-    figs['shift_vs_steps.png'] = fig_shift_vs_steps(sh)
-    figs['shift_curves.png'] = fig_shift_curves(sh, k0)
-    figs['ode_vs_sde.png'] = fig_samplers(sh, k0)
-    figs['metrics_vs_w.png'] = fig_metrics_vs_w(res)
-    figs['statement1.png'], s_e = fig_statement1(sh, cfg.path, k0)
-    if ev is not None: figs['posterior_heatmaps.png'] = fig_heatmaps(ev['heat'], sh, k0)
-    grids = torch.load(Path(cfg.out) / 'boots.pt', weights_only=True)['grids'] if cfg.dataset not in MIXTURES else {}
-    names = list(_cell(res, cfg.samplers[0], k0).index)
-    for s in cfg.samplers if grids else []:
-        for k in cfg.steps: figs[f'samples_{s}_{k}.png'] = fig_sample_grid(grids, names, s, k)
-    return figs, s_e
-
-def write_report(cfg:StudyConfig, ev:dict|None=None)->Path:
-    "Figures, the findings (findings.json, findings.md), the tables with intervals and summary.md / summary.html."
-    out = Path(cfg.out)
-    res = pd.read_csv(out / 'results.csv'); sh = pd.read_csv(out / 'shift.csv')
-    figs, s_e = _figures(cfg, res, sh, ev)
-    for name, fig in figs.items(): fig.savefig(out / name, dpi=110); plt.close(fig)
-    groups = findings(res)
-    (out / 'findings.json').write_text(json.dumps(groups, indent=1))
-    (out / 'findings.md').write_text(findings_md(groups, cfg.dataset) + '\n')
-    tables = {f'{SAMPLER_NAMES.get(s, s)}, {k} steps': (headline(res, s, k), headline(res, s, k, deltas=True))
-              for s in cfg.samplers for k in cfg.steps}
-    cal = pd.read_csv(out / 'estimator' / 'calibration.csv')
-    gap_csv = out / 'denoiser' / 'oracle_gap.csv'
-    gap = pd.read_csv(gap_csv) if gap_csv.exists() else None
-    (out / 'summary.md').write_text(_summary_md(cfg, groups, tables, figs, s_e, cal, gap))
-    (out / 'summary.html').write_text(_summary_html(cfg, groups, tables, figs, s_e, cal, gap))
-    return out / 'summary.md'
-
-# %% ../nbs/15_study.ipynb #f1141669
-_INTRO_IMAGES = ("Samples of the `{ds}` images from a denoiser trained with noise-condition dropout (p_drop = {p}), "
-                 "on the `{path}` path. "
-                 "Every row of a table starts from the same noise. fid, precision, recall: on the toolkit's digits "
-                 "feature network (trained offline on the digits; torch-fidelity's definitions) against a reference "
-                 "split of the digits; the `floor` row is held-out digits of the same size. excess_shift_low_t: mean "
-                 "(E[t|x] - t) of the sampler's states minus that of forward states at the same t, over t <= 0.5, "
-                 "read with the trained estimator g (no exact posterior exists for images).")
-
-_INTRO = ("Samples of the `{ds}` mixture from a denoiser trained with noise-condition dropout (p_drop = {p}), "
-          "on the `{path}` path. "
-          "Every row of a table starts from the same noise. fd: Fréchet distance to the true mixture; "
-          "sw2: sliced Wasserstein-2 ({k} random directions); "
-          "mmd2: MMD² (both against fresh data); nll_gap: mean NLL of the samples minus that of data "
-          "(negative = sharper than the data); coverage_tv: total variation between mode shares and weights; "
-          "excess_shift_low_t: mean (E[t|x] - t) of the sampler's states minus that of forward states at the same t, "
-          "over t <= 0.5 (exact posterior). The `floor` row is fresh "
-          "true samples of the same size: values at the floor are at the noise floor.")
-
-_HOW = ("Every number has a {lvl:.0%} bootstrap interval ({b} resamples of the samples and of the reference{seeds}). A "
-        "difference is a method minus no guidance on the same starting noise (paired resamples); it is called better "
-        "or worse (lower or higher for metrics without a better side) only where its interval excludes 0, and no "
-        "difference otherwise.")
-
-def _notes(cfg, s_e, cal, gap)->list:
-    "The closing notes: the Statement 1 fit, the estimator's calibration and the denoiser's gap to the oracle."
-    est = (f"Estimator calibration (max over t-bins): |E_g[t|x] - E[t|x]| = {cal.mean_abs_gap.max():.4f}, "
-           f"KL(exact || g) = {cal.kl.max():.4f}."
-           if gap is not None else
-           f"Estimator on forward states (max over t-bins): |E_g[t|x] - t| = {cal.mean_abs_gap.max():.4f}.")
-    den = (f"Denoiser against the exact oracle (mean squared x0 gap, over t-bins): "
-           f"conditional {gap.cond_gap.mean():.4f}, "
-           f"null-t {gap.null_t_gap.mean():.4f}." if gap is not None else '')
-    return [f"Statement 1 fit of the learned model's excess shift (Euler, {min(cfg.steps)} steps): s_e = {s_e:.3f}.",
-            est, den]
-
-def _intro(cfg, gap)->str:
-    seeds = f'; {cfg.seeds} independently trained denoisers and estimators, pooled' if cfg.seeds > 1 else ''
-    return ((_INTRO if gap is not None else _INTRO_IMAGES).format(ds=cfg.dataset, p=cfg.p_drop, path=cfg.path,
-                                                                   k=cfg.sw2_proj) + ' '
-            + _HOW.format(lvl=cfg.level, b=cfg.n_boot, seeds=seeds))
-
-def _summary_md(cfg, groups, tables, figs, s_e, cal, gap)->str:
-    "The one-page Markdown summary: the findings first (generated from results.csv), then the tables and figures."
-    parts = [f"# Noise-shift study: {cfg.dataset}", '', _intro(cfg, gap), '', '## Findings', '',
-             findings_md(groups, cfg.dataset), '']
-    for title, (t, d) in tables.items():
-        parts += [f'## {title}', '', md_table(t), '', 'Paired differences against no guidance:', '', md_table(d), '']
-    parts += ['## Figures', ''] + [f'![{n}]({n})' for n in figs] + [''] + _notes(cfg, s_e, cal, gap)
-    parts += ['', 'Files: `results.csv` (every run; each metric m with m_lo, m_hi, delta_m, delta_m_lo, delta_m_hi), '
-              '`findings.json` (the claims above and the numbers they cite), `shift.csv`, `shift_by_tbin.csv`, '
-              '`notebooks/` (the executed pipelines).']
-    return '\n'.join(parts) + '\n'
-
-def _summary_html(cfg, groups, tables, figs, s_e, cal, gap)->str:
-    "The one-page HTML summary."
-    items = ''.join(f'<li>{l[2:]}</li>' for l in findings_md(groups, cfg.dataset).splitlines())
-    body = [f"<h1>Noise-shift study: {cfg.dataset}</h1>", f"<p>{_intro(cfg, gap)}</p>", '<h2>Findings</h2>',
-            f'<ul>{items}</ul>']
-    for title, (t, d) in tables.items():
-        body += [f'<h2>{title}</h2>', t.to_html(), '<p>Paired differences against no guidance:</p>', d.to_html()]
-    body += ['<h2>Figures</h2>'] + [f'<img src="{n}" style="max-width:100%"><br>' for n in figs]
-    body += [f"<p>{' '.join(_notes(cfg, s_e, cal, gap))}</p>"]
-    return ('<!doctype html><html><head><meta charset="utf-8"><title>nag_toolkit study</title></head><body>'
-            + '\n'.join(body) + '</body></html>\n')
 
 # %% ../nbs/15_study.ipynb #3c11acb4
 import nag_toolkit
@@ -724,60 +420,6 @@ FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dp
 PRESETS = {'quick': QUICK, 'demo': DEMO, 'digits-demo': DIGITS_DEMO, 'full': FULL}
 
 # %% ../nbs/15_study.ipynb #b4571260
-def _map_rows(res:pd.DataFrame, model:str)->pd.DataFrame:
-    "The guided runs of one model at the full sample size, with the weight 0 (no guidance) row of each cell."
-    d = res[(res.n_samples == res.n_samples.max()) & res.family.isin(['none', 'cf-NAG', 'cb-NAG'])]
-    return d.assign(model=model)
-
-def fig_where_nag_helps(m:pd.DataFrame, metric:str='fd'):
-    ("The paired change of `metric` against w, one panel per (model, family) and one line per (sampler, steps), "
-     "with intervals.")
-    keys = [(mo, fa) for mo in m.model.unique() for fa in ('cf-NAG', 'cb-NAG')]
-    fig, axs = plt.subplots(len(m.model.unique()), 2, figsize=(11, 3.2 * len(m.model.unique())), squeeze=False)
-    for ax, (mo, fa) in zip(axs.flat, keys):
-        for (s, k), d in m[(m.model == mo) & m.family.isin(['none', fa])].groupby(['sampler', 'steps']):
-            d = d.sort_values('w'); y = d[f'delta_{metric}']
-            ax.errorbar(d.w, y, yerr=[y - d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'] - y], fmt='o-', ms=3,
-                        capsize=2, label=f'{SAMPLER_NAMES.get(s, s)}, {k}')
-        ax.axhline(0, color='k', lw=0.5); ax.set(xlabel='w', ylabel=f'change of {metric}', title=f'{fa}, {mo}')
-    axs[0, 0].legend(fontsize=6, ncol=2); fig.tight_layout()
-    return fig
-
-def map_findings(m:pd.DataFrame, metric:str='fd')->pd.DataFrame:
-    ("Per model, family, sampler and steps: the weights where NAG is better, worse or no different on `metric` "
-     "(from the intervals).")
-    d = m[m.family != 'none'].assign(verdict=lambda d: [
-        verdict(metric, lo, hi) for lo, hi in zip(d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'])])
-    ws = lambda v: lambda x: ', '.join(f'{w:g}' for w in x[x.verdict == v].w) or '-'
-    g = d.groupby(['model', 'family', 'sampler', 'steps'])
-    return pd.DataFrame({'better at w': g.apply(ws('better')), 'worse at w': g.apply(ws('worse')),
-                         'no difference at w': g.apply(ws('no difference'))}).reset_index()
-
-SIDES = {'fd': ('coverage_tv', 'nll_gap'), 'fid': ('precision', 'recall')}   # the two sides of each main metric
-
-def _values(v)->str: return ', '.join(f'{x:g}' for x in sorted(set(v)))
-
-def map_conclusions(m:pd.DataFrame, metric:str='fd')->list:
-    ("Generated sentences, one per model and family: in how many cells (sampler x steps x w) NAG lowers or raises "
-     "`metric` (intervals excluding 0), where it lowers it, and its largest drop with the two sides' changes.")
-    out = []
-    for (mo, fa), d in m[m.family != 'none'].groupby(['model', 'family'], sort=False):
-        lo, hi = d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi']
-        down, up = d[hi < 0], d[lo > 0]
-        s = (f"**{fa}, {mo}**: {metric} lower in {len(down)} of {len(d)} cells (sampler x steps x w), "
-             f"higher in {len(up)}, no difference in {len(d) - len(down) - len(up)}.")
-        if len(down):
-            where = '; '.join(f"{SAMPLER_NAMES.get(sa, sa)} at {_values(b.steps)} steps (w {_values(b.w)})"
-                              for sa, b in down.groupby('sampler'))
-            r = down.loc[down[f'delta_{metric}'].idxmin()]
-            sides = ', '.join(f"{x} {fmt(*r[[f'delta_{x}', f'delta_{x}_lo', f'delta_{x}_hi']], sign='+')}"
-                              for x in SIDES.get(metric, ()) if f'delta_{x}' in r)
-            s += (f" Lower with {where}. Largest drop: {SAMPLER_NAMES.get(r.sampler, r.sampler)}, {r.steps:g} steps, "
-                  f"w = {r.w:g}: {metric} changes by {fmt(*r[[f'delta_{metric}', f'delta_{metric}_lo', f'delta_{metric}_hi']], sign='+')}"
-                  + (f" ({sides})." if sides else "."))
-        out.append(s)
-    return out
-
 def run_models(cfg:StudyConfig)->Path:
     "One study per denoiser quality (`cfg.models`: training steps), then the map of where NAG helps (map.md)."
     out, metric = Path(cfg.out), 'fd' if cfg.dataset in MIXTURES else 'fid'
@@ -793,17 +435,3 @@ def run_models(cfg:StudyConfig)->Path:
                                 f'({cfg.level:.0%} intervals):\n\n{md_table(table.set_index("model"))}\n\n'
                                 + '\n'.join(f'- {c}' for c in map_conclusions(m, metric)) + '\n')
     return out / 'map.md'
-
-# %% ../nbs/15_study.ipynb #6fd98e02
-def collect_findings(folders:list)->str:
-    "The headline findings of study folders as one Markdown list, each study introduced by what it ran."
-    parts = []
-    for f in map(Path, folders):
-        cfg, groups = json.loads((f / 'config.json').read_text()), json.loads((f / 'findings.json').read_text())
-        secs = json.loads((f / 'timing.json').read_text())['seconds'] if (f / 'timing.json').exists() else float('nan')
-        parts += [f"**`{cfg['dataset']}`**: denoiser trained {cfg['train_steps']} steps with noise-condition dropout "
-                  f"(p_drop {cfg['p_drop']}), {cfg['n_samples']} samples per run from the same noise, "
-                  f"{cfg['level']:.0%} bootstrap intervals ({cfg['n_boot']} resamples); ran in {secs:.0f} s; "
-                  f"full report: `{f}/summary.md`.", '',
-                  findings_md(groups, cfg['dataset'], only_headline=True), '']
-    return '\n'.join(parts)
