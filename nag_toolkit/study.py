@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_study.ipynb #f1fd08ec
 from __future__ import annotations
-import dataclasses, json, shutil, time
+import dataclasses, json, os, shutil, time
 from dataclasses import dataclass, field, asdict
 from functools import partial
 from pathlib import Path
@@ -357,7 +357,8 @@ def run_studies(cfg:StudyConfig, name:str, values:list)->list:
         for v, o in zip(values, outs): _run_one(StudyConfig.from_dict({**base, name: v, 'out': str(o)}))
         return outs
     sw = Sweep(notebook=str(PIPELINES / 'study.ipynb'), grid={name: list(values)}, out=str(Path(cfg.out) / 'studies'),
-               parameters={'study': base}, executor=cfg.executor, workers=cfg.workers, kernel=kernel)
+               parameters={'study': base, 'threads': max(1, (os.cpu_count() or 1) // cfg.workers)},
+               executor=cfg.executor, workers=cfg.workers, kernel=kernel)
     rep = run_sweep(sw)
     if not rep.ok: raise ConfigError(f"study {rep.failures.run[0]} failed: {rep.failures.error[0]} "
                                      f"(its notebook: {rep.failures.notebook[0]})")
@@ -415,7 +416,7 @@ DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 400, 'batch_size': 128, 'esti
                'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0], 'baselines': False}
 # where NAG helps: w x steps x sampler, a weak and a strong denoiser (`models`: their training steps)
 FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'],
-        'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0], 'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 1000, 'shift_steps': [],
+        'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0], 'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 600, 'shift_steps': [],
         'n_shift': 64, 'baselines': False, 'exact': False, 'models': [800, 8000], 'workers': 2}
 PRESETS = {'quick': QUICK, 'demo': DEMO, 'digits-demo': DIGITS_DEMO, 'full': FULL}
 
