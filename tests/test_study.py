@@ -16,6 +16,8 @@ def _check_report(out:Path, methods:set):
     # every method of a (sampler, steps) cell started from the same noise: one row each
     assert (res.groupby(['sampler', 'steps']).method.nunique() == res.groupby(['sampler', 'steps']).size()).all()
     assert '| method |' in (out / 'summary.md').read_text()
+    sh = pd.read_csv(out / 'shift.csv')                           # every step's excess shift carries its interval
+    assert ((sh.excess_shift_lo <= sh.excess_shift) & (sh.excess_shift <= sh.excess_shift_hi)).all()
     return res
 
 def _row(res, method, sampler, steps, n):
