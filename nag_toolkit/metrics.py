@@ -219,16 +219,23 @@ def _fit_digits(net, x, y, steps:int, lr:float, batch_size:int, seed:int):
     finally: torch.set_num_threads(threads)
     return net.eval()
 
+def _new_digits_net(width:int, n_features:int, seed:int=0)->DigitsNet:
+    "A `DigitsNet` initialised from `seed`, leaving the global random state as it was."
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return DigitsNet(width, n_features)
+
 def load_digits_features(path)->DigitsNet:
     "A `DigitsNet` saved by `train_digits_features`; `.path`, `.settings` and `.test_accuracy` come from the file."
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"feature_net_path={str(path)!r} is not a file; allowed: a file written by train_digits_features")
+        raise ConfigError(f"feature_net_path={str(path)!r} is not a file; "
+                          "allowed: a file written by train_digits_features")
     with safe_open(str(path), 'pt') as f: meta = f.metadata() or {}
     if 'settings' not in meta:
         raise ConfigError(f"{path.name} has no 'settings' metadata; allowed: a file written by train_digits_features")
     settings = json.loads(meta['settings'])
-    net = DigitsNet(settings['width'], settings['n_features'])
+    net = _new_digits_net(settings['width'], settings['n_features'])
     net.load_state_dict(load_file(str(path)))
     net.path, net.settings, net.test_accuracy = path, settings, float(meta['test_accuracy'])
     return net.eval().requires_grad_(False)
@@ -247,10 +254,7 @@ def train_digits_features(steps:int=400, # optimizer steps
     path = Path(cache_dir or default_cache_dir()) / f'digits-features-{key}.safetensors'
     if not path.exists():
         xtr, ytr, xte, yte = digits_split()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = DigitsNet(width, n_features)
-        net = _fit_digits(net, xtr, ytr, steps, lr, batch_size, seed)
+        net = _fit_digits(_new_digits_net(width, n_features, seed), xtr, ytr, steps, lr, batch_size, seed)
         with torch.no_grad(): net.feature_scale.fill_(net.body(xtr).pow(2).mean().rsqrt().item())
         meta = {'settings': json.dumps(settings, sort_keys=True), 'test_accuracy': str(digits_accuracy(net, xte, yte))}
         _atomic_save(net.state_dict(), path, meta)
