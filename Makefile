@@ -39,7 +39,8 @@ test: sync nbtest pytest
 docs: install
 	nbdev_docs
 
-# The docs without Quarto: executed notebooks rendered to an offline HTML site in _site_offline/.
+# The docs without Quarto: executed notebooks rendered to an offline HTML site in _site_offline/, with nbdev's
+# show_doc API block (signature, docments, docstring) after each exported function and class.
 docs-offline: install
 	$(PY) tools/render_docs.py --out _site_offline
 

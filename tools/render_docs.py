@@ -7,6 +7,11 @@ are; the others are executed with nbdev's execnb, skipping the cells nbdev_test 
 library's source, so a second run only renders. Pages get nbconvert's HTMLExporter (lab template, with nothing
 loaded from a CDN); `.ipynb` links become `.html`; a live widget's output shows its PNG fallback.
 
+The API reference comes as on nbdev's Quarto site: nbdev's own `add_show_docs` processor puts a `show_doc(symbol)`
+cell after each exported cell, for each function and class it defines (methods attached with `@patch` as
+`Class.method`); the cell runs with the notebook and its output (signature, docstring, each parameter's type, default
+and docments comment) is shown, without the call, in a `<div class="nag-api" data-symbol="...">` block.
+
     python tools/render_docs.py [--out _site_offline] [--only 05_demo.ipynb ...] [--no-exec] [--workers 2]
 
 OUT/manifest.json lists every page (source, html, section, title, image outputs, execution seconds, error)."""
@@ -52,11 +57,15 @@ def skip_flags()->set:
 def has_outputs(nb:dict)->bool:
     return any(c.get('outputs') for c in nb['cells'] if c['cell_type'] == 'code')
 
-def cache_key(nb_path:Path)->str:
-    "Hash of the notebook, the library's source and the skip flags: an executed copy is valid while it holds."
-    h = hashlib.sha256(nb_path.read_bytes())
+def cache_key(nb)->str:
+    """Hash of the notebook to run (show_doc cells included), the library's source, the skip flags and the versions of
+    the packages that write the API blocks: an executed copy is valid while they hold."""
+    from importlib.metadata import version
+    from execnb.nbio import nb2str
+    h = hashlib.sha256(nb2str(nb).encode())
     for p in sorted((ROOT / 'nag_toolkit').rglob('*.py')): h.update(p.read_bytes())
     h.update(' '.join(sorted(skip_flags())).encode())
+    h.update(' '.join(version(p) for p in ('nbdev', 'fastcore', 'execnb')).encode())
     return h.hexdigest()[:20]
 
 def skipped(cell, flags:set)->bool:
@@ -65,15 +74,45 @@ def skipped(cell, flags:set)->bool:
     d = directives(cell.source)
     return d.get('eval:', [''])[0].lower() == 'false' or bool(flags & d.keys())
 
-def execute(nb_path:Path, dest:Path)->dict:
-    "Run the notebook with execnb in its folder (skipping what nbdev_test skips) and write it to `dest`."
-    from execnb.nbio import read_nb, write_nb
+API_TAG = 'nag-api'          # the tag of the show_doc cells, and the CSS class of the block their output becomes
+
+def in_definition_order(cells:list)->list:
+    "add_show_docs inserts a cell's show_doc cells last symbol first: each run of them reversed, to the source's order."
+    out, run = [], []
+    for c in cells + [None]:
+        if c is not None and c.get('has_sd'): run.append(c); continue
+        out += run[::-1] + ([c] if c is not None else []); run = []
+    return out
+
+def with_show_docs(nb_path:Path):
+    """The notebook (execnb's form) with nbdev's `show_doc(symbol)` cell after each exported cell, tagged `API_TAG`;
+    a show_doc cell carries its exported cell's skip directives, so it is skipped where that cell is."""
+    from execnb.nbio import read_nb
+    from nbdev.process import NBProcessor
+    from nbdev.processors import add_show_docs
+    nb, flags, src = read_nb(nb_path), skip_flags() | {'eval:'}, None
+    NBProcessor(nb=nb, procs=[add_show_docs], rm_directives=False).process()
+    nb.cells = in_definition_order(nb.cells)
+    for i, c in enumerate(nb.cells): c.idx_ = i
+    for c in nb.cells:
+        if not c.get('has_sd'): src = c; continue
+        skips = [l for l in src.source.splitlines() if l.startswith('#|') and set(directives(l)) & flags]
+        c.id = 'showdoc-' + hashlib.sha1(c.source.encode()).hexdigest()[:12]      # mk_cell's id is random: not cacheable
+        c.source = '\n'.join(skips + [c.source])
+        c.metadata['tags'] = [API_TAG]
+    return nb
+
+def execute(nb, nb_path:Path, dest:Path)->dict:
+    """Run the notebook `nb` (read from `nb_path`) with execnb in its folder (skipping what nbdev_test skips) and
+    write it to `dest`."""
+    from execnb.nbio import write_nb
     from execnb.shell import CaptureShell
     flags, t0, err, cwd, main = skip_flags(), time.time(), None, os.getcwd(), sys.modules['__main__']
-    nb = read_nb(nb_path)
     try:
         os.chdir(nb_path.parent)
-        CaptureShell(nb_path).run_all(nb, exc_stop=True, preproc=lambda c: skipped(c, flags))
+        shell = CaptureShell(nb_path)
+        shell.run_cell('from nbdev.showdoc import show_doc')
+        shell.run_all(nb, exc_stop=True, preproc=lambda c: skipped(c, flags))
     except BaseException as e: err = f'{type(e).__name__}: {str(e)[:300]}'
     finally: os.chdir(cwd); sys.modules['__main__'] = main          # IPython swaps __main__; the pool needs it back
     dest.parent.mkdir(parents=True, exist_ok=True); write_nb(nb, dest)
@@ -83,11 +122,12 @@ def executed(nb:str, out:Path, run:bool)->tuple:
     "(path of the notebook to render, info): as it is, from the cache, or freshly executed (failures are not cached)."
     src = NBS / nb
     if not run or has_outputs(json.loads(src.read_text())): return src, {'executed': False, 'cached': False, 'seconds': 0.0, 'error': None}
-    dest = out / '.cache' / f'{nb[:-6]}.{cache_key(src)}.ipynb'
+    to_run = with_show_docs(src)
+    dest = out / '.cache' / f'{nb[:-6]}.{cache_key(to_run)}.ipynb'
     meta = dest.with_suffix('.json')
     if dest.exists() and meta.exists(): return dest, {**json.loads(meta.read_text()), 'cached': True}
     for stale in dest.parent.glob(f'{Path(nb).stem}.*'): stale.unlink()       # older executions of this notebook
-    info = {'executed': True, **execute(src, dest)}
+    info = {'executed': True, **execute(to_run, src, dest)}
     if not info['error']: meta.write_text(json.dumps(info))
     return dest, {**info, 'cached': False}
 
@@ -107,13 +147,30 @@ def directives(src:str)->dict:
         if parts: d[parts[0]] = parts[1:]
     return d
 
+SOURCE_LINK = re.compile(r'^\[source\]\(\S*\)\{[^}]*\}\s*$', re.M)   # show_doc's link to GitHub, in Quarto's syntax
+
+def api_block(cell)->list:
+    """The outputs of a show_doc cell as one HTML block, `<div class="nag-api" data-symbol=NAME>`: show_doc's markdown
+    (signature with the docments of each parameter, docstring) rendered, without the link to the online source."""
+    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+    m = re.search(r'show_doc\(([\w.]+)\)', cell.source)
+    mds = [o['data']['text/markdown'] for o in cell.outputs if 'text/markdown' in o.get('data', {})]
+    if not (m and mds): return cell.outputs
+    body = ''.join(markdown2html_mistune(SOURCE_LINK.sub('', md).replace('---\n', '', 1).strip()) for md in mds)
+    div = f'<div class="{API_TAG}" data-symbol="{html.escape(m.group(1))}">{body}</div>'
+    return [{'output_type': 'display_data', 'metadata': {}, 'data': {'text/html': div}}]
+
 def prepare(nb):
-    "Cells as the docs show them: hidden cells dropped, directive lines removed, echo/output directives applied."
+    """Cells as the docs show them: hidden cells dropped, directive lines removed, echo/output directives applied,
+    show_doc cells shown as their API block."""
     import nbformat
     cells = []
     for c in nb.cells:
         d = directives(c.source)
         if 'hide' in d or d.get('include:') == ['false']: continue
+        if API_TAG in c.metadata.get('tags', []):
+            if not c.outputs: continue                                  # its exported cell was skipped (slow, gpu)
+            c.outputs, c.metadata['tags'] = nbformat.from_dict(api_block(c)), [API_TAG, 'remove_input']
         c.source = '\n'.join(l for l in c.source.splitlines() if not l.startswith('#|')).strip('\n')
         if c.cell_type == 'code':
             if d.get('echo:') == ['false']: c.metadata['tags'] = ['remove_input']
@@ -145,6 +202,8 @@ TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 nav.offline-nav {position: fixed; top: 0; left: 0; bottom: 0; width: 230px; overflow-y: auto; padding: 12px; font: 13px sans-serif; background: #f7f7f7; border-right: 1px solid #ddd;}
 nav.offline-nav h4 {margin: 14px 0 4px;} nav.offline-nav ul {list-style: none; padding-left: 8px; margin: 0;} nav.offline-nav li {margin: 3px 0;}
 nav.offline-nav a.current {font-weight: bold;} body.jp-Notebook main {margin-left: 250px;}
+div.nag-api {border: 1px solid #ccd; border-radius: 6px; padding: 2px 14px; background: #fafbff;}
+div.nag-api h3 {margin-top: 8px;} div.nag-api pre {white-space: pre-wrap;}
 </style>{% endblock extra_css %}
 {%- block body_header -%}<body class="jp-Notebook" data-jp-theme-light="true" data-jp-theme-name="JupyterLab Light">
 <nav class="offline-nav">{{ resources.sidebar_html }}</nav><main>{%- endblock body_header -%}
