@@ -97,7 +97,7 @@ def with_show_docs(nb_path:Path):
     for c in nb.cells:
         if not c.get('has_sd'): src = c; continue
         skips = [l for l in src.source.splitlines() if l.startswith('#|') and set(directives(l)) & flags]
-        c.id = 'showdoc-' + hashlib.sha1(c.source.encode()).hexdigest()[:12]      # mk_cell's id is random: not cacheable
+        c.id = 'showdoc-' + hashlib.sha1(c.source.encode()).hexdigest()[:12]   # mk_cell's id is random: uncacheable
         c.source = '\n'.join(skips + [c.source])
         c.metadata['tags'] = [API_TAG]
     return nb
@@ -203,7 +203,8 @@ nav.offline-nav {position: fixed; top: 0; left: 0; bottom: 0; width: 230px; over
 nav.offline-nav h4 {margin: 14px 0 4px;} nav.offline-nav ul {list-style: none; padding-left: 8px; margin: 0;} nav.offline-nav li {margin: 3px 0;}
 nav.offline-nav a.current {font-weight: bold;} body.jp-Notebook main {margin-left: 250px;}
 div.nag-api {border: 1px solid #ccd; border-radius: 6px; padding: 2px 14px; background: #fafbff;}
-div.nag-api h3 {margin-top: 8px;} div.nag-api pre {white-space: pre-wrap; font-family: var(--jp-code-font-family, monospace);}
+div.nag-api h3 {margin-top: 8px;}
+div.nag-api pre {white-space: pre-wrap; font-family: var(--jp-code-font-family, monospace);}
 </style>{% endblock extra_css %}
 {%- block body_header -%}<body class="jp-Notebook" data-jp-theme-light="true" data-jp-theme-name="JupyterLab Light">
 <nav class="offline-nav">{{ resources.sidebar_html }}</nav><main>{%- endblock body_header -%}

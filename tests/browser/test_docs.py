@@ -133,10 +133,11 @@ def test_sample_euler_shows_its_signature_parameters_and_docments(browser, site)
     assert b and b['visible'], 'no visible API block for sample_euler'
     sig, dm = inspect.signature(sample_euler), docments(sample_euler)
     lines = {m.group(1): l for l in b['signature'].splitlines()[1:] if (m := re.match(r'\s+\**(\w+)', l))}
-    for name, prm in sig.parameters.items():                       # one line per parameter: name:type=default, # docments
+    for name, prm in sig.parameters.items():             # one line per parameter: name:type=default, # docments
         line = lines.get(name, '')
         assert line, f'{name} is not in the signature shown'
-        if prm.annotation is not inspect.Parameter.empty: assert f'{name}:{prm.annotation}'.replace(' ', '') in line.replace(' ', ''), line
+        if prm.annotation is not inspect.Parameter.empty:
+            assert f'{name}:{prm.annotation}'.replace(' ', '') in line.replace(' ', ''), line
         if prm.default is not inspect.Parameter.empty: assert f'={prm.default!r}' in line, line
         if dm.get(name): assert line.rstrip().endswith(f'# {dm[name]}'), line
     assert sum(bool(dm.get(n)) for n in sig.parameters) >= 4                # the docments comments are there to check
