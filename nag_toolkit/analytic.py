@@ -6,7 +6,8 @@
 from __future__ import annotations
 import math
 import torch
-from .core import ConfigError, as_t
+from .core import ConfigError
+from .perf import as_t
 from .interpolants import get_interpolant
 
 # %% auto #0

@@ -5,7 +5,8 @@
 # %% ../nbs/06_guidance.ipynb #d7d3f2ef
 from __future__ import annotations
 import torch
-from .core import ConfigError, check_choice, as_t, expand_t, shared_time, host_time
+from .core import ConfigError, check_choice
+from .perf import as_t, expand_t, shared_time, host_time
 from .interpolants import get_interpolant, PRED_KINDS
 from .analytic import GaussianMixture
 from .samplers import Denoised, call_denoiser

@@ -6,7 +6,8 @@
 from __future__ import annotations
 import math
 import torch
-from .core import ConfigError, check_choice, as_t, expand_t, shared_time
+from .core import ConfigError, check_choice
+from .perf import as_t, expand_t, shared_time
 
 # %% auto #0
 __all__ = ['PRED_KINDS', 'DIFFUSION_FORMS', 'INTERPOLANTS', 'linear_coefs', 'gvp_coefs', 'vp_coefs', 'DDPMSchedule', 'respace',

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .core import ConfigError, check_choice, check_range, as_t, first_line, shared_time
+from .core import ConfigError, check_choice, check_range, first_line
+from .perf import as_t, shared_time
 from .interpolants import PRED_KINDS
 
 # %% auto #0

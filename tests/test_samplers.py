@@ -203,29 +203,8 @@ def test_callback_contract(f, path, opts):
 # of a sampling run and records the two things that would block a GPU: reading a device tensor's value on the host
 # (`_local_scalar_dense`: .item(), float(), bool(), ...) and a blocking copy from host memory to the device.
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
-class HostSyncAudit(TorchDispatchMode):
-    "Records the aten calls that would synchronise a GPU with the host."
-    def __init__(self): super().__init__(); self.events = []
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        aten = torch.ops.aten
-        if func is aten._local_scalar_dense.default and args[0].device.type != 'cpu':
-            self.events.append('read of a device tensor')
-        elif func is aten._to_copy.default and args[0].device.type == 'cpu' and kwargs.get('device') is not None \
-                and torch.device(kwargs['device']).type != 'cpu' and not kwargs.get('non_blocking', False):
-            self.events.append(f'blocking host-to-device copy of {tuple(args[0].shape)}')
-        elif func is aten.copy_.default and args[1].device.type == 'cpu' and args[0].device.type != 'cpu' \
-                and not (args[2] if len(args) > 2 else kwargs.get('non_blocking', False)):
-            self.events.append(f'blocking host-to-device copy_ of {tuple(args[1].shape)}')
-        return func(*args, **kwargs)
-
-def _audit(run):
-    "Run twice (the first run may initialise caches) and return the second run's sync events."
-    run()
-    with HostSyncAudit() as audit: run()
-    return audit.events
+# The audit itself is nag_toolkit.perf's (the appendix, nbs/19_performance.ipynb, explains it).
+from nag_toolkit.perf import HostSyncAudit, sync_events as _audit
 
 
 @pytest.mark.parametrize('name', ['euler', 'heun', 'ddim', 'ddpm', 'dpmpp_2m'])
