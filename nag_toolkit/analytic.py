@@ -6,13 +6,13 @@
 from __future__ import annotations
 import math
 import torch
+from fastcore.basics import patch
 from .core import ConfigError
 from .perf import as_t
 from .interpolants import get_interpolant
 
 # %% auto #0
-__all__ = ['GaussianMixture', 'sample', 'sample_xt', 'log_prob', 'score', 'denoise', 'eps_hat', 'velocity', 'responsibilities',
-           'log_prob_grid', 'posterior_t']
+__all__ = ['GaussianMixture']
 
 # %% ../nbs/02_analytic.ipynb #99c61e38
 class GaussianMixture:
@@ -35,6 +35,7 @@ class GaussianMixture:
     def __repr__(self): return f"GaussianMixture(K={self.K}, D={self.D})"
 
 # %% ../nbs/02_analytic.ipynb #d842d0e1
+@patch
 def sample(self:GaussianMixture, n:int, generator=None, return_labels:bool=False):
     "Draw `n` points from the mixture (float32); optionally with their component labels."
     k = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
@@ -42,20 +43,21 @@ def sample(self:GaussianMixture, n:int, generator=None, return_labels:bool=False
     x = self.means[k].float() + self.stds[k].float()[:, None] * z
     return (x, k) if return_labels else x
 
+@patch
 def sample_xt(self:GaussianMixture, n:int, t, path, generator=None):
     "Forward states at time `t`: returns `(x_t, x0, eps)`."
     x0 = self.sample(n, generator=generator)
     eps = torch.randn(x0.shape, generator=generator)
     return get_interpolant(path).add_noise(x0, t, eps), x0, eps
 
-GaussianMixture.sample, GaussianMixture.sample_xt = sample, sample_xt
-
 # %% ../nbs/02_analytic.ipynb #4f8c7cdb
+@patch
 def _chunks(self:GaussianMixture, n:int, per_row:int):
     "Row slices of a batch of `n` so that each chunk holds at most `max_elements` of `per_row`."
     step = max(1, self.max_elements // max(1, per_row))
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
+@patch
 def _component_logits(self:GaussianMixture, x, a, s):
     "log w_k + log N(x; a mu_k, v_k I) and v_k, both [N, K, G], for x [N, D] and a, s of shape [N or 1, 1, G]."
     mu, sd, lw = (v.to(x.device) for v in (self.means, self.stds, self.weights.log()))
@@ -63,6 +65,7 @@ def _component_logits(self:GaussianMixture, x, a, s):
     quad = (x**2).sum(-1)[:, None, None] - 2 * a * (x @ mu.T)[..., None] + a**2 * (mu**2).sum(-1)[:, None]
     return lw[:, None] - 0.5 * quad.clamp_min(0) / var - 0.5 * self.D * torch.log(2 * math.pi * var), var
 
+@patch
 def _prep(self:GaussianMixture, x, t, path):
     "x in float64 and the path's coefficients as [N, 1] columns."
     x64 = x.reshape(x.shape[0], -1).double()
@@ -70,15 +73,15 @@ def _prep(self:GaussianMixture, x, t, path):
     if x64.shape[1] != self.D: raise ConfigError(f"x has {x64.shape[1]} features per sample; this mixture has D={self.D}")
     return x64, a, s, da, ds
 
-GaussianMixture._chunks, GaussianMixture._component_logits, GaussianMixture._prep = _chunks, _component_logits, _prep
-
 # %% ../nbs/02_analytic.ipynb #67acfb9d
+@patch
 def log_prob(self:GaussianMixture, x, t, path):
     "Exact `log p_t(x)` for a batch `x` [N, D] at `t` (scalar or [N]) on `path`."
     x64, a, s, _, _ = self._prep(x, t, path)
     return torch.cat([torch.logsumexp(self._component_logits(x64[c], a[c, :, None], s[c, :, None])[0], 1)[:, 0]
                       for c in self._chunks(len(x64), self.K)]).to(x.dtype)
 
+@patch
 def _moments(self:GaussianMixture, x64, a, s):
     "(E[x0 | x_t], E[eps | x_t]) in float64, chunked."
     mu, out0, oute = self.means.to(x64.device), [], []
@@ -91,39 +94,41 @@ def _moments(self:GaussianMixture, x64, a, s):
         oute.append(s[c] * (q.sum(-1, keepdim=True) * x64[c] - a[c] * (q @ mu)))  # -sigma * score
     return torch.cat(out0), torch.cat(oute)
 
+@patch
 def score(self:GaussianMixture, x, t, path):
     "Exact score `grad_x log p_t(x)`."
     x64, a, s, _, _ = self._prep(x, t, path)
     eps = self._moments(x64, a, s)[1]
     return (-eps / s).to(x.dtype).reshape(x.shape)
 
+@patch
 def denoise(self:GaussianMixture, x, t, path):
     "Exact denoiser `E[x0 | x_t = x]`."
     x64, a, s, _, _ = self._prep(x, t, path)
     return self._moments(x64, a, s)[0].to(x.dtype).reshape(x.shape)
 
+@patch
 def eps_hat(self:GaussianMixture, x, t, path):
     "Exact noise prediction `E[eps | x_t = x]` (`= -sigma * score`, stable at sigma -> 0)."
     x64, a, s, _, _ = self._prep(x, t, path)
     return self._moments(x64, a, s)[1].to(x.dtype).reshape(x.shape)
 
+@patch
 def velocity(self:GaussianMixture, x, t, path):
     "Exact velocity `E[alpha' x0 + sigma' eps | x_t = x]`, the probability-flow ODE drift."
     x64, a, s, da, ds = self._prep(x, t, path)
     x0, eps = self._moments(x64, a, s)
     return (da * x0 + ds * eps).to(x.dtype).reshape(x.shape)
 
-for f in (log_prob, _moments, score, denoise, eps_hat, velocity): setattr(GaussianMixture, f.__name__, f)
-
+@patch
 def responsibilities(self:GaussianMixture, x, t, path):
     "Exact `p(component k | x_t = x)`: [N, K], rows sum to one."
     x64, a, s, _, _ = self._prep(x, t, path)
     return torch.cat([torch.softmax(self._component_logits(x64[c], a[c, :, None], s[c, :, None])[0][..., 0], -1)
                       for c in self._chunks(len(x64), self.K)]).to(x.dtype)
 
-GaussianMixture.responsibilities = responsibilities
-
 # %% ../nbs/02_analytic.ipynb #7ab3d7d1
+@patch
 def log_prob_grid(self:GaussianMixture, x, t_grid, path):
     "`log p_{t_j}(x)` for every sample and grid point: [N, G] in float64."
     x64 = x.reshape(x.shape[0], -1).double()
@@ -133,8 +138,7 @@ def log_prob_grid(self:GaussianMixture, x, t_grid, path):
     return torch.cat([torch.logsumexp(self._component_logits(x64[c], a, s)[0], 1)
                       for c in self._chunks(len(x64), self.K * len(tg))])
 
+@patch
 def posterior_t(self:GaussianMixture, x, t_grid, path):
     "Exact `p(t | x)` on `t_grid` with a uniform prior: [N, G], rows sum to one."
     return torch.softmax(self.log_prob_grid(x, t_grid, path), -1).to(x.dtype)
-
-GaussianMixture.log_prob_grid, GaussianMixture.posterior_t = log_prob_grid, posterior_t

@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch.utils.data import Dataset, DataLoader, Subset
 from safetensors.torch import save_file, load_file
 from .core import (ConfigError, check_choice, check_range, first_line, config_from_dict,
@@ -436,7 +437,10 @@ class LatentsConfig:
     num_workers: int = 0            # DataLoader processes decoding images
     device: str = 'auto'            # 'auto' (CUDA of this process's local rank when available), 'cpu', 'cuda:1', ...
 
-LatentsConfig.from_dict = staticmethod(lambda d: config_from_dict(LatentsConfig, d, 'latents option'))
+@patch(cls_method=True)
+def from_dict(cls:LatentsConfig, d:dict)->LatentsConfig:
+    "A `LatentsConfig` from a plain dict, validated field by field."
+    return config_from_dict(cls, d, 'latents option')
 
 def _check_latents_config(c:LatentsConfig)->LatentsConfig:
     "Check every choice and range of `c` (returned unchanged)."

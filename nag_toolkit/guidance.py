@@ -5,6 +5,7 @@
 # %% ../nbs/06_guidance.ipynb #d7d3f2ef
 from __future__ import annotations
 import torch
+from fastcore.basics import patch
 from .core import ConfigError, check_choice
 from .perf import as_t, expand_t, shared_time, host_time
 from .interpolants import get_interpolant, PRED_KINDS
@@ -121,6 +122,8 @@ def _keep_channels(d, channels):
     return torch.cat([d[:, :channels], torch.zeros_like(d[:, channels:])], 1)
 
 # %% ../nbs/06_guidance.ipynb #c4ffdc31
+def _call(self, x, t, **extra): return self.denoise(x, t, **extra).x0   # a wrapper called as a function
+
 class GuidedDenoiser:
     "CFG and classifier-free NAG around a `Denoiser`, mixed in its native output, with all branches in ONE forward."
     def __init__(self, denoiser:Denoiser, # the network's denoiser (see `Denoiser`)
@@ -142,9 +145,11 @@ class GuidedDenoiser:
         if self.interval is None: return ['cond'] + extra                  # no mask to read: no host-device sync
         return ['cond'] + (extra if bool(on.any()) else [])
 
+    __call__ = _call
     def __repr__(self): return f"GuidedDenoiser(w_cfg={self.w_cfg}, w_nag={self.w_nag}, interval={self.interval}, cfg_channels={self.cfg_channels})"
 
 # %% ../nbs/06_guidance.ipynb #56bd9fef
+@patch
 def _forward(self:GuidedDenoiser, x, t, names, extra):
     "Native outputs of the named branches from ONE forward of the repeated batch, {name: [N, ...]}; the cond variance."
     if names == ['cond']:
@@ -160,6 +165,7 @@ def _forward(self:GuidedDenoiser, x, t, names, extra):
     out, var = self.den.outputs(rep(x), tt, **{k: rep(v) for k, v in extra.items()}, **masks)
     return dict(zip(names, out.chunk(B))), (None if var is None else var[:n])   # the variance of the cond branch (DiT)
 
+@patch
 def _branch_mask(self:GuidedDenoiser, key, names, n, device):
     "Which rows of the repeated batch are the branch `key`; made once per batch size (not every step)."
     cache = self.__dict__.setdefault('_masks', {})
@@ -168,7 +174,8 @@ def _branch_mask(self:GuidedDenoiser, key, names, n, device):
         cache[k] = torch.cat([torch.full((n,), b == key, dtype=torch.bool, device=device) for b in names])
     return cache[k]
 
-def _denoise(self:GuidedDenoiser, x, t, **extra)->Denoised:
+@patch
+def denoise(self:GuidedDenoiser, x, t, **extra)->Denoised:
     "The guided record: x0 of the mixed native output, the cond branch's variance values and every branch's output."
     whole = step_on(t, self.interval)                       # a sampler's step: inside or not, known on the host
     t = as_t(t, x)
@@ -180,11 +187,6 @@ def _denoise(self:GuidedDenoiser, x, t, **extra)->Denoised:
     if len(out) > 1 and on is not None: mixed = torch.where(_col(on, x), mixed, cond)
     return Denoised(self.den.to_x0(mixed, x, t), native=mixed, pred=self.den.pred, var_values=var,
                     branches={**out, 'guided': mixed})
-
-def _call(self, x, t, **extra): return self.denoise(x, t, **extra).x0
-
-GuidedDenoiser._forward, GuidedDenoiser._branch_mask = _forward, _branch_mask
-GuidedDenoiser.denoise, GuidedDenoiser.__call__ = _denoise, _call
 
 # %% ../nbs/06_guidance.ipynb #1f59887e
 def interp_log_posterior(log_p, # log-probabilities over the grid, [N, G]
@@ -219,6 +221,8 @@ class ClassifierNAG:
         if self._log_g is not None: return self._log_g(x, t)
         return interp_log_posterior(torch.log(self.g(x, self.t_grid)), self.t_grid, t)
 
+    __call__ = _call
+
     def grad(self, x, t):
         "grad_x log g(t | x), by autograd (also inside torch.no_grad)."
         with torch.enable_grad():
@@ -226,7 +230,8 @@ class ClassifierNAG:
             return torch.autograd.grad(self.log_g(xg, t).sum(), xg)[0]
 
 # %% ../nbs/06_guidance.ipynb #e6f7827a
-def _cnag_denoise(self:ClassifierNAG, x, t, **extra)->Denoised:
+@patch
+def denoise(self:ClassifierNAG, x, t, **extra)->Denoised:
     "The guided record (the unguided estimate where the weight is 0, outside the interval or where alpha = 0)."
     whole = step_on(t, self.interval, self.path)
     t = as_t(t, x)
@@ -239,8 +244,6 @@ def _cnag_denoise(self:ClassifierNAG, x, t, **extra)->Denoised:
     guided = self.path.convert(score, x, t, 'score', 'x0')
     rec.x0, rec.branches['grad_log_g'] = (guided if on is None else torch.where(_col(on, x), guided, x0)), grad
     return rec
-
-ClassifierNAG.denoise, ClassifierNAG.__call__ = _cnag_denoise, _call
 
 # %% ../nbs/06_guidance.ipynb #30a9249b
 class EpsScaling:

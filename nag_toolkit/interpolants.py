@@ -6,13 +6,13 @@
 from __future__ import annotations
 import math
 import torch
+from fastcore.basics import patch
 from .core import ConfigError, check_choice
 from .perf import as_t, expand_t, shared_time
 
 # %% auto #0
 __all__ = ['PRED_KINDS', 'DIFFUSION_FORMS', 'INTERPOLANTS', 'linear_coefs', 'gvp_coefs', 'vp_coefs', 'DDPMSchedule', 'respace',
-           'Interpolant', 'add_noise', 'to_x0_eps', 'from_x0_eps', 'convert', 'ode_drift', 'diffusion_coef',
-           'sde_drift', 'get_interpolant']
+           'Interpolant', 'get_interpolant']
 
 # %% ../nbs/01_interpolants.ipynb #6681a2d8
 def linear_coefs(t):
@@ -108,11 +108,13 @@ class Interpolant:
         return cache[key]
 
 # %% ../nbs/01_interpolants.ipynb #3b0c9578
+@patch
 def add_noise(self:Interpolant, x0, t, eps):
     "The forward state `x_t = alpha(t) x0 + sigma(t) eps` (`t` a scalar or one per sample)."
     a, s, _, _ = self.coefs_like(t, x0)
     return a * x0 + s * eps
 
+@patch
 def to_x0_eps(self:Interpolant, pred, x, t, kind:str, coefs=None):
     "The pair `(x0, eps)` implied by a prediction of `kind` ('eps', 'x0', 'v' or 'score') at state `x`, time `t`."
     a, s, da, ds = coefs or self.coefs_like(t, x)
@@ -123,25 +125,27 @@ def to_x0_eps(self:Interpolant, pred, x, t, kind:str, coefs=None):
     det = a * ds - s * da  # kind == 'v': solve [a s; da ds] [x0; eps] = [x; v]
     return (ds * x - s * pred) / det, (a * pred - da * x) / det
 
+@patch
 def from_x0_eps(self:Interpolant, x0, eps, x, t, kind:str, coefs=None):
     "The prediction of `kind` that corresponds to the pair `(x0, eps)` at time `t`."
     a, s, da, ds = coefs or self.coefs_like(t, x)
     kind = check_choice('kind', kind, PRED_KINDS)
     return {'x0': lambda: x0, 'eps': lambda: eps, 'v': lambda: da * x0 + ds * eps, 'score': lambda: -eps / s}[kind]()
 
+@patch
 def convert(self:Interpolant, pred, x, t, src:str, dst:str):
     "Convert a prediction of kind `src` into kind `dst` at state `x`, time `t`."
     if check_choice('src', src, PRED_KINDS) == check_choice('dst', dst, PRED_KINDS): return pred
     c = self.coefs_like(t, x)                                   # once for both halves
     return self.from_x0_eps(*self.to_x0_eps(pred, x, t, src, c), x, t, dst, c)
 
-for f in (add_noise, to_x0_eps, from_x0_eps, convert): setattr(Interpolant, f.__name__, f)
-
 # %% ../nbs/01_interpolants.ipynb #1f9f4f37
+@patch
 def ode_drift(self:Interpolant, pred, x, t, kind:str='x0'):
     "Probability-flow ODE drift `dx/dt = v(x, t)` from a prediction of `kind`."
     return self.convert(pred, x, t, kind, 'v')
 
+@patch
 def diffusion_coef(self:Interpolant, t, form:str='sigma', norm:float=1.0):
     "SiT's diffusion `D(t)` of the reverse SDE `dx = [v - D score] dt + sqrt(2 D) dW`, for SiT's `form` and `norm`."
     form = check_choice('diffusion_form', form, DIFFUSION_FORMS)
@@ -152,14 +156,13 @@ def diffusion_coef(self:Interpolant, t, form:str='sigma', norm:float=1.0):
             'decreasing': lambda: 0.25 * (1 - norm * torch.cos(math.pi * t))**2,
             'increasing-decreasing': lambda: norm * torch.sin(math.pi * t)**2}[form]()
 
+@patch
 def sde_drift(self:Interpolant, pred, x, t, D, kind:str='x0'):
     "Reverse-SDE drift `v - D * score` in this project's time (integrated from t = 1 to 0 with noise `sqrt(2 D |dt|)`)."
     x0, eps = self.to_x0_eps(pred, x, t, kind)
     a, s, da, ds = self.coefs_like(t, x)
     D = expand_t(D, x) if torch.is_tensor(D) and D.ndim == 1 else D
     return da * x0 + ds * eps + D * eps / s                      # score = -eps / sigma
-
-for f in (ode_drift, diffusion_coef, sde_drift): setattr(Interpolant, f.__name__, f)
 
 # %% ../nbs/01_interpolants.ipynb #363db517
 INTERPOLANTS = {

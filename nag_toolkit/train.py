@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib, copy, csv, dataclasses, json, math, os, signal, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
+from fastcore.basics import patch
 import torch, torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader
@@ -18,10 +19,10 @@ from .models import build_model, load_pretrained
 from .checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint
 
 # %% auto #0
-__all__ = ['RESUME_FREE', 'TrainConfig', 'from_dict', 'resolve', 'draw_batch', 'batch_loss', 'dit_vb_bits', 'StepBatches',
-           'batch_loader', 'pick_device', 'init_distributed', 'null_t_steps', 'ema_update', 'setup', 'TrainingDiverged',
-           'train_step', 'StopFlag', 'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained',
-           'import_pretrained', 'training_report']
+__all__ = ['RESUME_FREE', 'TrainConfig', 'resolve', 'draw_batch', 'batch_loss', 'dit_vb_bits', 'StepBatches', 'batch_loader',
+           'pick_device', 'init_distributed', 'null_t_steps', 'ema_update', 'setup', 'TrainingDiverged', 'train_step',
+           'StopFlag', 'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained', 'import_pretrained',
+           'training_report']
 
 # %% ../nbs/09_train.ipynb #23bd28aa
 @dataclass
@@ -58,11 +59,10 @@ class TrainConfig:
     out: str = 'runs/train'
 
 # %% ../nbs/09_train.ipynb #5b741292
-def from_dict(d:dict)->TrainConfig:
+@patch(cls_method=True)
+def from_dict(cls:TrainConfig, d:dict)->TrainConfig:
     "A `TrainConfig` from a plain dict, validated field by field."
-    return config_from_dict(TrainConfig, d, 'training option')
-
-TrainConfig.from_dict = staticmethod(from_dict)
+    return config_from_dict(cls, d, 'training option')
 
 # %% ../nbs/09_train.ipynb #b975d09f
 def resolve(cfg:TrainConfig, world_size:int=1)->TrainConfig:
