@@ -24,7 +24,8 @@ def check_choice(field:str, # the option's name, as the user wrote it
                  allowed): # the values allowed (any iterable)
     "Return `value` if it is one of `allowed`, else raise a one-line `ConfigError`."
     allowed = list(allowed)
-    if value not in allowed: raise ConfigError(f"{field}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+    if value not in allowed:
+        raise ConfigError(f"{field}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
     return value
 
 def check_range(field:str, value, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -33,7 +34,8 @@ def check_range(field:str, value, lo=None, hi=None, lo_open=False, hi_open=False
                 f"{'inf' if hi is None else hi}{')' if hi_open else ']'}")
     if isinstance(value, float) and not math.isfinite(value):   # NaN compares False with everything: refuse it first
         raise ConfigError(f"{field}={value!r} is not a finite number; allowed: {interval}")
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and (value >= hi if hi_open else value > hi))
+    bad = ((lo is not None and (value <= lo if lo_open else value < lo))
+           or (hi is not None and (value >= hi if hi_open else value > hi)))
     if bad: raise ConfigError(f"{field}={value!r} is out of range; allowed: {interval}")
     return value
 
@@ -70,7 +72,8 @@ def coerce(name:str, value, type_str:str):
 
 def _coerce(name:str, value, want:type, type_str:str):
     "The value as type `want` where it converts without loss, else a one-line ConfigError."
-    if want is bool and isinstance(value, str) and value.lower() in ('true', 'false', '1', '0'): return value.lower() in ('true', '1')
+    if want is bool and isinstance(value, str) and value.lower() in ('true', 'false', '1', '0'):
+        return value.lower() in ('true', '1')
     if want is float and isinstance(value, (int, str)) and not isinstance(value, bool):   # '1e-4', '3'; 'nan' too
         try: return float(value)
         except ValueError: pass

@@ -37,7 +37,8 @@ def run_solvers(gm, path, steps, n:int, seed:int):
             rows.append({'path': get_interpolant(path).name, 'solver': solver, 'steps': n_steps,
                          'nfe': n_steps * (2 if solver == 'heun' else 1) - (1 if solver == 'heun' else 0),
                          'disc_error': (x0 - exact).norm(dim=1).mean().item(),
-                         **{k: v for k, v in mixture_metrics(gm, x0, ref).items() if k in ('nll', 'nll_gap', 'coverage_tv', 'fd', 'mmd2')},
+                         **{k: v for k, v in mixture_metrics(gm, x0, ref).items()
+                            if k in ('nll', 'nll_gap', 'coverage_tv', 'fd', 'mmd2')},
                          'seconds': time.perf_counter() - t0})
             finals[(solver, n_steps)] = x0
     return pd.DataFrame(rows), finals, ref
@@ -50,7 +51,8 @@ def plot_samples(gm, finals, ref, steps):
     lim = float(ref[:, :2].abs().max()) * 1.15
     for ax, (title, pts) in zip(axs, panels):
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect='equal'); ax.set_title(title, fontsize=9)
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect='equal')
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -59,9 +61,11 @@ def plot_errors(df):
     fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
     for solver, d in df.groupby('solver'):
         axs[0].plot(d.nfe, d.disc_error, 'o-', label=solver); axs[1].plot(d.nfe, d.nll_gap, 'o-', label=solver)
-    axs[0].set(xscale='log', yscale='log', xlabel='denoiser evaluations', ylabel='mean distance', title='error vs the exact ODE solution')
+    axs[0].set(xscale='log', yscale='log', xlabel='denoiser evaluations', ylabel='mean distance',
+               title='error vs the exact ODE solution')
     axs[1].axhline(0, color='k', lw=0.5)
-    axs[1].set(xscale='log', yscale='symlog', xlabel='denoiser evaluations', ylabel='nats', title='NLL gap to the data (signed)')
+    axs[1].set(xscale='log', yscale='symlog', xlabel='denoiser evaluations', ylabel='nats',
+               title='NLL gap to the data (signed)')
     axs[0].legend(); fig.tight_layout()
     return fig
 
@@ -97,4 +101,5 @@ def main(out:str='runs/demo', # output folder
     t0 = time.perf_counter()
     df = run_demo(out, dataset, path, tuple(coerce('steps', s, 'int') for s in steps.split(',')), n, seed)
     print(df.to_string(index=False, float_format=lambda v: f'{v:.4f}'))
-    print(f"wrote {Path(out) / 'samples.png'}, {Path(out) / 'solver_error.png'}, {Path(out) / 'results.csv'} in {time.perf_counter() - t0:.1f}s")
+    files = ', '.join(str(Path(out) / f) for f in ('samples.png', 'solver_error.png', 'results.csv'))
+    print(f"wrote {files} in {time.perf_counter() - t0:.1f}s")

@@ -27,7 +27,8 @@ def time_grid(n:int, # number of steps (the grid has n + 1 points)
               path='ddpm')->torch.Tensor: # the path whose discrete schedule 'ddpm' respaces
     "A descending time grid of `n` steps, float64."
     if n < 1: raise ConfigError(f"steps={n} is out of range; allowed: >= 1")
-    if check_choice('grid', kind, GRID_KINDS) == 'uniform': return torch.linspace(t_max, t_min, n + 1, dtype=torch.float64)
+    if check_choice('grid', kind, GRID_KINDS) == 'uniform':
+        return torch.linspace(t_max, t_min, n + 1, dtype=torch.float64)
     sched = get_interpolant(path).schedule
     if sched is None: raise ConfigError("grid='ddpm' needs a discrete path; allowed: path='ddpm'")
     ks, _ = respace(sched, n)
@@ -40,7 +41,8 @@ def sde_grid(n:int=250, # number of steps, the last one included (SiT's num_samp
     "SiT's SDE grid: `n - 1` equal steps from `t_max` to `last_step_size`, then 0 (float64, descending)."
     if n < 2: raise ConfigError(f"steps={n} is out of range; allowed: >= 2")
     check_range('last_step_size', last_step_size, 0, t_max, lo_open=True, hi_open=True)
-    return torch.cat([torch.linspace(t_max, last_step_size, n, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    return torch.cat([torch.linspace(t_max, last_step_size, n, dtype=torch.float64),
+                      torch.zeros(1, dtype=torch.float64)])
 
 # %% ../nbs/04_samplers.ipynb #8b2e1c9d
 @dataclass
@@ -69,14 +71,16 @@ def _x0_eps(d:Denoised, x, t, path):
     return path.to_x0_eps(d.x0, x, as_t(t, x), 'x0')
 
 def _noise_stream(x, generators, chunk:int=16):
-    "A function giving each stochastic step's noise shaped like `x`; row `i` from `generators[i]`, drawn `chunk` steps at a time."
+    "Each stochastic step's noise, shaped like `x`: row `i` from `generators[i]`, drawn `chunk` steps at a time."
     if generators is None: return lambda: torch.randn_like(x)
-    if len(generators) != len(x): raise ConfigError(f"generators has {len(generators)} entries; allowed: one per sample ({len(x)})")
+    if len(generators) != len(x):
+        raise ConfigError(f"generators has {len(generators)} entries; allowed: one per sample ({len(x)})")
     buf = []
     def draw():
         if not buf:
             z = randn_per_sample((chunk, *x.shape[1:]), generators, device=generators[0].device, dtype=x.dtype)
-            if z.device != x.device:                      # CPU generators, GPU samples: a pinned copy that does not block
+            # CPU generators, GPU samples: a pinned copy that does not block
+            if z.device != x.device:
                 z = (z.pin_memory() if x.device.type == 'cuda' else z).to(x.device, non_blocking=True)
             buf.extend(z.unbind(1))
         return buf.pop(0)
@@ -130,7 +134,8 @@ def sample_heun(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_
 
 # %% ../nbs/04_samplers.ipynb #b0cb1670
 def _posterior(path, t, s):
-    "For grid times s < t: (c_x, c_0, var, v_ts) with q(x_s | x_t, x0) = N(c_x x_t + c_0 x0, var) and v_ts the transition variance."
+    ("For grid times s < t: (c_x, c_0, var, v_ts) with q(x_s | x_t, x0) = N(c_x x_t + c_0 x0, var) "
+     "and v_ts the transition variance.")
     a_t, s_t = path.coefs(t)[:2]
     a_s, s_s = path.coefs(s)[:2]
     a_ts = a_t / a_s
@@ -184,7 +189,8 @@ def sample_ddim(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_
     path, extra_args, a, s = _setup(path, extra_args, ts)
     ts64 = torch.as_tensor(ts, dtype=torch.float64).cpu()
     c = eta * _posterior(path, ts64[:-1], ts64[1:])[2].clamp(min=0).sqrt() * (ts64[1:] > 0)   # each step's noise std
-    d = (s[1:].cpu()**2 - c**2).clamp(min=0).sqrt()                                # ... and its weight on the implied eps
+    # ... and its weight on the implied eps
+    d = (s[1:].cpu()**2 - c**2).clamp(min=0).sqrt()
     a, s = a.cpu(), s.cpu()
     # x_next = a' x0 + d eps with eps = (x - a x0) / s, i.e. (a' - d a / s) x0 + (d / s) x: two coefficients a step
     k0, kx, c = (a[1:] - d * a[:-1] / s[:-1]).tolist(), (d / s[:-1]).tolist(), c.tolist()
@@ -210,7 +216,8 @@ def _sde_step(d:Denoised, x, t, h:float, D:float, z, path, last:str|None):
     return x if last == 'mean' else x + math.sqrt(2 * D * abs(h)) * z            # noise sqrt(2 D |h|) z
 
 @torch.no_grad()
-def sample_euler_maruyama(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_args:dict|None=None, callback=None,
+def sample_euler_maruyama(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_args:dict|None=None,
+                          callback=None,
                           generators:list|None=None, # one torch.Generator per sample
                           diffusion_form:str='sigma', # SiT's D(t): 'sigma', 'constant', 'sbdm', 'linear', ...
                           diffusion_norm:float=1.0, # SiT's `norm` of D(t)
