@@ -130,7 +130,8 @@ def load_estimator(folder, device='cpu')->NoiseLevelEstimator:
     import json
     folder = Path(folder)
     if not (folder / 'estimator.json').exists():
-        raise ConfigError(f"estimator={str(folder)!r} holds no estimator.json; allowed: a folder written by save_estimator")
+        raise ConfigError(f"estimator={str(folder)!r} holds no estimator.json; "
+                          "allowed: a folder written by save_estimator")
     est = build_estimator(**json.loads((folder / 'estimator.json').read_text()))
     est.load_state_dict(load_file(folder / 'estimator.safetensors'))
     return est.to(device).eval()
