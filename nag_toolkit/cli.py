@@ -109,7 +109,7 @@ def _study_flags(p:argparse.ArgumentParser):
     p.add_argument('--dataset', default=None, help="a mixture preset (gmm32, ring8) or digits (default: gmm32)")
     p.add_argument('--config', help='a YAML file of study options')
     p.add_argument('--preset', default=None,
-                   help='a preset of options: quick, digits-demo (the reduced digits study of make demo), full')
+                   help='a preset of options: quick, demo and digits-demo (the studies of make demo), full')
     p.add_argument('--quick', action='store_true',
                    help='tiny budgets: a smoke run in about a minute (the preset quick)')
     p.add_argument('--full', action='store_true',
