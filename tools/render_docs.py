@@ -12,7 +12,7 @@ cell after each exported cell, for each function and class it defines (methods a
 `Class.method`); the cell runs with the notebook and its output (signature, docstring, each parameter's type, default
 and docments comment) is shown, without the call, in a `<div class="nag-api" data-symbol="...">` block.
 
-    python tools/render_docs.py [--out _site_offline] [--only 05_demo.ipynb ...] [--no-exec] [--workers 2]
+    python tools/render_docs.py [--out _site_offline] [--only 01_interpolants.ipynb ...] [--no-exec] [--workers 2]
 
 OUT/manifest.json lists every page (source, html, section, title, image outputs, execution seconds, error)."""
 import argparse, concurrent.futures as cf, configparser, hashlib, html, json, os, re, shutil, sys, time
