@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
+from fastcore.basics import patch
 import torch, pandas as pd
 import matplotlib.pyplot as plt
 from .core import (ConfigError, check_choice, check_range, config_from_dict, sample_generators,
@@ -33,9 +34,8 @@ from .report import SHIFT_METHODS, write_report, _map_rows
 
 # %% auto #0
 __all__ = ['STUDY_DATASETS', 'BUILDERS', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'PRESETS', 'StudyConfig',
-           'study_from_dict', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods',
-           'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'run_study', 'pool_studies',
-           'run_models']
+           'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods', 'start_noise',
+           'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'run_study', 'pool_studies', 'run_models']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -75,7 +75,8 @@ class StudyConfig:
 
 STUDY_DATASETS = (*MIXTURES, 'digits')   # mixtures: exact metrics and posterior; digits: FID & co. and the estimator
 
-def study_from_dict(d:dict)->StudyConfig:
+@patch(cls_method=True)
+def from_dict(cls:StudyConfig, d:dict)->StudyConfig:
     "A validated `StudyConfig` from a plain dict."
     cfg = config_from_dict(StudyConfig, d, 'study option')
     check_choice('dataset', cfg.dataset, STUDY_DATASETS); check_choice('path', cfg.path, INTERPOLANTS)
@@ -87,8 +88,6 @@ def study_from_dict(d:dict)->StudyConfig:
     for n in cfg.models: check_range('models', n, 1)
     check_range('workers', cfg.workers, 1); check_choice('executor', cfg.executor, EXECUTORS)
     return cfg
-
-StudyConfig.from_dict = staticmethod(study_from_dict)
 
 # %% ../nbs/15_study.ipynb #a8878eb0
 def _model(cfg:StudyConfig)->str: return 'digits' if cfg.dataset == 'digits' else 'mlp'
