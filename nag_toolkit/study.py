@@ -407,10 +407,10 @@ QUICK = {'train_steps': 150, 'estimator_steps': 150, 'n_samples': 400, 'n_shift'
          'shift_steps': [8, 32], 'samplers': ['euler', 'euler_maruyama'], 'w_nag': [1.0], 'w_cb': [1.0], 'n_boot': 50}
 # `make demo`, within 5 minutes on 2 CPU cores with the digits study: the mixture at 8 steps, both samplers, every
 # family, the shift against steps up to 128
-DEMO = {'train_steps': 1500, 'estimator_steps': 500, 'n_samples': 1000, 'steps': [8], 'shift_steps': [8, 32, 128],
+DEMO = {'train_steps': 1000, 'estimator_steps': 400, 'n_samples': 1000, 'steps': [8], 'shift_steps': [8, 32, 128],
         'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0]}
 # the reduced digits study of `make demo`: no guidance against both NAGs at a few weights, two samplers, 8 steps
-DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 400, 'batch_size': 128, 'estimator_steps': 300, 'n_samples': 400,
+DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 300, 'batch_size': 128, 'estimator_steps': 200, 'n_samples': 400,
                'n_shift': 128, 'steps': [8], 'shift_steps': [], 'samplers': ['euler', 'euler_maruyama'],
                'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0], 'baselines': False}
 # where NAG helps: w x steps x sampler, a weak and a strong denoiser (`models`: their training steps)
