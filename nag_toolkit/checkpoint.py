@@ -116,7 +116,7 @@ def checkpoint_damage(d:Path)->str|None:
     return None
 
 def _intact(root:Path)->Path:
-    "The newest intact checkpoint of `root`, warning for each damaged one skipped; a one-line error when there is none."
+    "The newest intact checkpoint of `root` (warning for each damaged one); a one-line error when there is none."
     first = None
     for d in _candidates(root):
         why = checkpoint_damage(d)

@@ -168,7 +168,7 @@ def run_sampler(sampler:str, den, x1, steps:int, path, seed:int=0, extra_args=No
                            generators=gens)
 
 def start_states(gm:GaussianMixture, n:int, path, seed:int=0)->torch.Tensor:
-    "Starting states at t = 1 by the samplers' rule (`start_state`), one generator per sample (seeded by `(seed, i)`)."
+    "Starting states at t = 1 by the samplers' rule (`start_state`), one generator per sample, seeded by `(seed, i)`."
     return start_state(randn_per_sample((gm.D,), sample_generators(seed, range(n))), path, 1.0)
 
 # %% ../nbs/18_explorers.ipynb #f5d22249

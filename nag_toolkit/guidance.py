@@ -157,7 +157,7 @@ class GuidedDenoiser:
 # %% ../nbs/06_guidance.ipynb #56bd9fef
 @patch
 def _forward(self:GuidedDenoiser, x, t, names, extra):
-    "Native outputs of the named branches from ONE forward of the repeated batch, {name: [N, ...]}; the cond variance."
+    "Native outputs of the named branches from ONE forward of the repeated batch; the cond variance."
     if names == ['cond']:
         out, var = self.den.outputs(x, t, **extra)
         return {'cond': out}, var

@@ -162,7 +162,7 @@ def diffusion_coef(self:Interpolant, t, form:str='sigma', norm:float=1.0):
 
 @patch
 def sde_drift(self:Interpolant, pred, x, t, D, kind:str='x0'):
-    "Reverse-SDE drift `v - D * score` in this project's time (integrated from t = 1 to 0 with noise `sqrt(2 D |dt|)`)."
+    "Reverse-SDE drift `v - D * score` in this project's time (from t = 1 to 0, noise `sqrt(2 D |dt|)`)."
     x0, eps = self.to_x0_eps(pred, x, t, kind)
     a, s, da, ds = self.coefs_like(t, x)
     D = expand_t(D, x) if torch.is_tensor(D) and D.ndim == 1 else D

@@ -179,7 +179,7 @@ def _pick(res:pd.DataFrame, family:str)->str|None:
     return (d[d.w == 1.0].method.tolist() or d.method.tolist() or [None])[0]
 
 def _groups(res:pd.DataFrame)->list:
-    "(method, sampler, steps, headline) of every claim group: the floor, then each family's cited method in every cell."
+    "(method, sampler, steps, headline) of every claim group: the floor, then each family's method per cell."
     cells = _cells(res); low = cells[0][1]
     groups = [('floor', s, k, True) for s, k in cells if k == low]
     for fam in GUIDED:
@@ -273,7 +273,8 @@ _INTRO = ("Samples of the `{ds}` mixture from a denoiser trained with noise-cond
           "over t <= 0.5 (exact posterior). The `floor` row is fresh "
           "true samples of the same size: values at the floor are at the noise floor.")
 
-_HOW = ("Every number has a {lvl:.0%} bootstrap interval ({b} resamples of the samples and of the reference{seeds}). A "
+_HOW = ("Every number has a {lvl:.0%} bootstrap interval ({b} resamples of the samples and of the "
+        "reference{seeds}). A "
         "difference is a method minus no guidance on the same starting noise (paired resamples); it is called better "
         "or worse (lower or higher for metrics without a better side) only where its interval excludes 0, and no "
         "difference otherwise.")

@@ -258,7 +258,7 @@ def write_npz(dst:Path, arr:np.ndarray, labels:np.ndarray):
     _move_into_place(tmp, dst)
 
 def write_png(dst:Path, arr:np.ndarray, labels:np.ndarray, start:int):
-    "Write a PNG shard folder (one file per sample, named by global index, and labels.npy) atomically, and its record."
+    "Write a PNG shard folder (a file per sample, named by global index, and labels.npy) atomically, and its record."
     from PIL import Image
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
     shard_record(dst).unlink(missing_ok=True)

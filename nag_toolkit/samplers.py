@@ -261,7 +261,7 @@ def sample_ode(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_a
                method:str='dopri5', # a torchdiffeq method: 'dopri5' (SiT's default), 'bosh3', 'euler', 'rk4', ...
                atol:float=1e-6, # absolute tolerance (SiT's default)
                rtol:float=1e-3): # relative tolerance (SiT's default)
-    "The probability-flow ODE solved by torchdiffeq's `odeint` in SiT's time (SiT's `sample_ode`); callbacks get `nfe`."
+    "The probability-flow ODE by torchdiffeq's `odeint` in SiT's time (SiT's `sample_ode`); callbacks get `nfe`."
     from torchdiffeq import odeint
     path, extra_args, nfe = get_interpolant(path), extra_args or {}, [0]
     def f(tp, y):                                                                # dx/dt' = -v(x, 1 - t')

@@ -220,7 +220,7 @@ def _model_options(cfg, ds)->dict:
     return opts
 
 def _finetune_init(model, cfg)->int:
-    "Load fine-tuning weights (a nag_toolkit checkpoint's EMA, or official DiT/SiT weights); return their null-t steps."
+    "Load fine-tuning weights (a checkpoint's EMA, or official DiT/SiT weights); return their null-t steps."
     src = Path(cfg.finetune_from)
     if not src.is_dir(): load_pretrained(src, model=model); return 0       # official weights: no null-t token
     model.load_state_dict((ck := load_checkpoint(src))['ema'] or ck['model'])
