@@ -274,10 +274,10 @@ def _context(cfg:StudyConfig, ds, gm)->SimpleNamespace:
     return SimpleNamespace(cfg=cfg, den=Denoiser(model, cfg.path), est=load_estimator(Path(cfg.out) / 'estimator'),
                            gm=gm, path=get_interpolant(cfg.path), data_var=ds.x.pow(2).mean().item())
 
-def _posteriors(name:str, sampler:str, mix:bool, gm, cfg, post_g)->dict:
+def _posteriors(name:str, sampler:str, post_exact, post_g)->dict:
     "The posteriors a run is read with: the exact one first on a mixture (and g for two runs), g alone on images."
-    posts = {'exact': ExactPosterior(gm, cfg.path)} if mix else {}
-    if not mix or (name in ('none', 'cf-NAG w=1') and sampler == 'euler'): posts['g'] = post_g
+    posts = {'exact': post_exact} if post_exact is not None else {}
+    if post_exact is None or (name in ('none', 'cf-NAG w=1') and sampler == 'euler'): posts['g'] = post_g
     return posts
 
 def stage_evaluate(cfg:StudyConfig)->dict:
@@ -292,8 +292,9 @@ def stage_evaluate(cfg:StudyConfig)->dict:
     refs = {'exact': _cached_reference(forward(cfg.seed + 3)), 'g': _cached_reference(forward(cfg.seed + 3)),
             'floor': forward(cfg.seed + 9), '_stats': {}}       # _stats: posterior statistics of the reference states
     rows, shifts, boots, grids, post_g = [], [], [], {}, EstimatedPosterior(ctx.est)
+    post_exact = ExactPosterior(gm, cfg.path) if mix else None   # one object: its statistics are cached by id
     for name, sampler, steps, n in progress(_jobs(cfg, list(methods)), desc='sweep'):
-        posts = _posteriors(name, sampler, mix, gm, cfg, post_g)
+        posts = _posteriors(name, sampler, post_exact, post_g)
         r, s, b, x0 = one_run(cfg, methods[name], dens[name], sampler, steps, x1[:n], posts, refs, scorer)
         rows.append({**r, 'n_samples': n}); shifts.append(s); boots.append(b)
         if n == cfg.n_samples: grids[f'{name}|{sampler}|{steps}'] = x0[:8].float().clone()
