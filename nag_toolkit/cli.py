@@ -109,11 +109,13 @@ def _study_flags(p:argparse.ArgumentParser):
     p.add_argument('--dataset', default=None, help="a mixture preset (gmm32, ring8) or digits (default: gmm32)")
     p.add_argument('--config', help='a YAML file of study options')
     p.add_argument('--preset', default=None,
-                   help='a preset of options: quick, demo and digits-demo (the studies of make demo), full')
+                   help='a preset of options: quick, demo and digits-demo (the studies of make demo), full, '
+                        'full-digits')
     p.add_argument('--quick', action='store_true',
                    help='tiny budgets: a smoke run in about a minute (the preset quick)')
     p.add_argument('--full', action='store_true',
-                   help='where NAG helps: w x steps x sampler, weak and strong denoiser (the preset full)')
+                   help='where NAG helps: w x steps x sampler, weak and strong denoiser (the preset full, '
+                        'or full-digits with --dataset digits)')
     p.add_argument('--no-notebooks', action='store_true',
                    help='run the stages in this process instead of papermill notebooks')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
@@ -123,7 +125,8 @@ def study_options(args:argparse.Namespace)->dict:
     "The study options from the preset (--preset, --quick, --full), YAML and flags, later ones winning."
     from nag_toolkit.study import PRESETS
     from nag_toolkit.core import check_choice
-    names = [n for n, on in (('quick', args.quick), ('full', args.full), (args.preset, args.preset is not None)) if on]
+    full = 'full-digits' if args.dataset == 'digits' else 'full'      # the map on images has its own budget
+    names = [n for n, on in (('quick', args.quick), (full, args.full), (args.preset, args.preset is not None)) if on]
     for n in names: check_choice('preset', n, PRESETS)
     d = {k: v for n in names for k, v in PRESETS[n].items()}
     if args.config: d.update(read_yaml_mapping(args.config))

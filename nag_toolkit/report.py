@@ -323,22 +323,29 @@ def _summary_html(cfg, groups, tables, figs, s_e, cal, gap)->str:
 
 # %% ../nbs/15a_report.ipynb #b4571260
 def _map_rows(res:pd.DataFrame, model:str)->pd.DataFrame:
-    "The guided runs of one model at the full sample size, with the weight 0 (no guidance) row of each cell."
-    d = res[(res.n_samples == res.n_samples.max()) & res.family.isin(['none', 'cf-NAG', 'cb-NAG'])]
-    return d.assign(model=model)
+    ("The guided runs of one model at the full sample size, with the weight 0 (no guidance) row of each cell; "
+     "`floor_m` beside every metric m is the floor's value in the same cell (fresh true samples, same size).")
+    full = res[res.n_samples == res.n_samples.max()]
+    ms = [c[:-3] for c in res.columns if c.endswith('_lo') and not c.startswith('delta_')]
+    floor = full[full.family == 'floor'][['sampler', 'steps', *ms]].rename(columns={m: f'floor_{m}' for m in ms})
+    d = full[full.family.isin(['none', 'cf-NAG', 'cb-NAG'])]
+    return d.merge(floor, on=['sampler', 'steps'], how='left').assign(model=model)
 
 def fig_where_nag_helps(m:pd.DataFrame, metric:str='fd'):
     ("The paired change of `metric` against w, one panel per (model, family) and one line per (sampler, steps), "
-     "with intervals.")
-    keys = [(mo, fa) for mo in m.model.unique() for fa in ('cf-NAG', 'cb-NAG')]
-    fig, axs = plt.subplots(len(m.model.unique()), 2, figsize=(11, 3.2 * len(m.model.unique())), squeeze=False)
+     "with intervals: the colour is the step count (light = many), the line style and marker the sampler.")
+    keys, n = [(mo, fa) for mo in m.model.unique() for fa in ('cf-NAG', 'cb-NAG')], m.model.nunique()
+    steps, samplers = sorted(m.steps.unique()), list(dict.fromkeys(m.sampler))
+    colour = dict(zip(steps, plt.cm.viridis([i / max(1, len(steps) - 1) * 0.9 for i in range(len(steps))])))
+    style = {s: (ls, mk) for s, ls, mk in zip(samplers, ['-', '--', ':', '-.'] * 2, 'osD^v<>p')}
+    fig, axs = plt.subplots(n, 2, figsize=(11, 3.4 * n), squeeze=False)
     for ax, (mo, fa) in zip(axs.flat, keys):
         for (s, k), d in m[(m.model == mo) & m.family.isin(['none', fa])].groupby(['sampler', 'steps']):
             d = d.sort_values('w'); y = d[f'delta_{metric}']
-            ax.errorbar(d.w, y, yerr=[y - d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'] - y], fmt='o-', ms=3,
-                        capsize=2, label=f'{SAMPLER_NAMES.get(s, s)}, {k}')
+            ax.errorbar(d.w, y, yerr=[y - d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'] - y], ls=style[s][0],
+                        marker=style[s][1], ms=3, capsize=2, color=colour[k], label=f'{SAMPLER_NAMES.get(s, s)}, {k}')
         ax.axhline(0, color='k', lw=0.5); ax.set(xlabel='w', ylabel=f'change of {metric}', title=f'{fa}, {mo}')
-    axs[0, 0].legend(fontsize=6, ncol=2); fig.tight_layout()
+    axs[0, 0].legend(fontsize=6, ncol=len(samplers)); fig.tight_layout()
     return fig
 
 def map_findings(m:pd.DataFrame, metric:str='fd')->pd.DataFrame:

@@ -33,9 +33,10 @@ from .report import *        # the figures, tables and findings (chapter 15a), r
 from .report import SHIFT_METHODS, write_report, _map_rows
 
 # %% auto #0
-__all__ = ['STUDY_DATASETS', 'BUILDERS', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'PRESETS', 'StudyConfig',
-           'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods', 'start_noise',
-           'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'run_study', 'pool_studies', 'run_models']
+__all__ = ['STUDY_DATASETS', 'BUILDERS', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'FULL_DIGITS', 'PRESETS',
+           'MAP_GRID_METHODS', 'StudyConfig', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method',
+           'study_methods', 'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'run_study',
+           'pool_studies', 'run_models', 'map_sample_grids']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -418,7 +419,11 @@ DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 300, 'batch_size': 128, 'esti
 FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'],
         'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0], 'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 600, 'shift_steps': [],
         'n_shift': 64, 'baselines': False, 'exact': False, 'models': [800, 8000], 'workers': 2}
-PRESETS = {'quick': QUICK, 'demo': DEMO, 'digits-demo': DIGITS_DEMO, 'full': FULL}
+# ... on the digits (`--full --dataset digits`), within 25 minutes on 2 CPU cores: lighter models and fewer samples,
+# the same weights, steps and samplers (bar cb-NAG at w = 2)
+FULL_DIGITS = {**FULL, 'dataset': 'digits', 'models': [300, 2000], 'batch_size': 128, 'estimator_steps': 400,
+               'n_samples': 400, 'w_cb': [0.5, 1.0, 3.0]}
+PRESETS = {'quick': QUICK, 'demo': DEMO, 'digits-demo': DIGITS_DEMO, 'full': FULL, 'full-digits': FULL_DIGITS}
 
 # %% ../nbs/15_study.ipynb #b4571260
 def run_models(cfg:StudyConfig)->Path:
@@ -435,4 +440,17 @@ def run_models(cfg:StudyConfig)->Path:
                                 f'Verdicts on the paired change of {metric} against no guidance '
                                 f'({cfg.level:.0%} intervals):\n\n{md_table(table.set_index("model"))}\n\n'
                                 + '\n'.join(f'- {c}' for c in map_conclusions(m, metric)) + '\n')
+    for (s, k), fig in map_sample_grids(cfg, outs).items():
+        fig.savefig(out / f'samples_{s}_{k}.png', dpi=110, bbox_inches='tight'); plt.close(fig)
     return out / 'map.md'
+
+MAP_GRID_METHODS = ['none', 'cf-NAG w=1', 'cf-NAG w=3', 'cb-NAG w=1', 'cb-NAG w=3']   # the rows of each model
+
+def map_sample_grids(cfg:StudyConfig, outs:list)->dict:
+    ("On images: (sampler, steps) -> the samples of every model, no guidance and NAG at w = 1 and 3, from the "
+     "same starting noise (every model's study draws it from the same seed).")
+    if cfg.dataset in MIXTURES: return {}
+    grids = {f'{n} steps: {k}': x for n, o in zip(cfg.models, outs)
+             for k, x in torch.load(Path(o) / 'boots.pt', weights_only=True)['grids'].items()}
+    rows = [f'{n} steps: {m}' for n in cfg.models for m in MAP_GRID_METHODS]
+    return {(s, k): fig_sample_grid(grids, rows, s, k) for s in cfg.samplers for k in cfg.steps}
