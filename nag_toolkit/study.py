@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from .core import (ConfigError, check_choice, check_range, config_from_dict, sample_generators,
                               randn_per_sample)
 from .core import check_out_dir, RunLock, progress
-from .sweep import Sweep, EXECUTORS, expand, run_sweep
+from .sweep import Sweep, EXECUTORS, expand, run_sweep, is_done
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, run_sampler, start_state, time_grid
@@ -35,8 +35,8 @@ from .report import SHIFT_METHODS, write_report, _map_rows
 # %% auto #0
 __all__ = ['STUDY_DATASETS', 'BUILDERS', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'FULL_DIGITS', 'PRESETS',
            'MAP_GRID_METHODS', 'StudyConfig', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method',
-           'study_methods', 'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'run_study',
-           'pool_studies', 'run_models', 'map_sample_grids']
+           'study_methods', 'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'write_timing',
+           'run_study', 'pool_studies', 'run_models', 'map_sample_grids']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -348,22 +348,45 @@ def _run_one(cfg:StudyConfig):
     else: stage_train(cfg); stage_estimator(cfg); write_report(cfg, stage_evaluate(cfg))
     return bool(kernel and PIPELINES.is_dir())
 
+def _study_sweep(cfg:StudyConfig, name:str, values:list, kernel:str)->Sweep:
+    "The sweep of pipelines/study.ipynb that runs one study per value of option `name`, `cfg.workers` at a time."
+    base = {**asdict(cfg), 'seeds': 1, 'models': [], 'notebooks': False}
+    return Sweep(notebook=str(PIPELINES / 'study.ipynb'), grid={name: list(values)}, out=str(Path(cfg.out) / 'studies'),
+                 parameters={'study': base, 'threads': max(1, (os.cpu_count() or 1) // cfg.workers)},
+                 executor=cfg.executor, workers=cfg.workers, kernel=kernel)
+
 def run_studies(cfg:StudyConfig, name:str, values:list)->list:
     ("One study per value of option `name` (seed or train_steps): a sweep of pipelines/study.ipynb where a kernel "
      "exists, else one after another here; returns their folders.")
-    base = {**asdict(cfg), 'seeds': 1, 'models': [], 'notebooks': False}
     kernel = _kernel() if cfg.notebooks else None
     if not (kernel and PIPELINES.is_dir()):
+        base = {**asdict(cfg), 'seeds': 1, 'models': [], 'notebooks': False}
         outs = [Path(cfg.out) / 'studies' / f'{name}={v}' for v in values]
         for v, o in zip(values, outs): _run_one(StudyConfig.from_dict({**base, name: v, 'out': str(o)}))
         return outs
-    sw = Sweep(notebook=str(PIPELINES / 'study.ipynb'), grid={name: list(values)}, out=str(Path(cfg.out) / 'studies'),
-               parameters={'study': base, 'threads': max(1, (os.cpu_count() or 1) // cfg.workers)},
-               executor=cfg.executor, workers=cfg.workers, kernel=kernel)
-    rep = run_sweep(sw)
+    rep = run_sweep(sw := _study_sweep(cfg, name, values, kernel))
     if not rep.ok: raise ConfigError(f"study {rep.failures.run[0]} failed: {rep.failures.error[0]} "
                                      f"(its notebook: {rep.failures.notebook[0]})")
     return [r.dir for r in expand(sw)]
+
+def _sub_studies(cfg:StudyConfig)->tuple|None:
+    "(option, values) of the sub-studies of a study with `models` or `seeds` > 1, else None."
+    if cfg.models: return 'train_steps', list(cfg.models)
+    return ('seed', [cfg.seed + s for s in range(cfg.seeds)]) if cfg.seeds > 1 else None
+
+def _all_done(cfg:StudyConfig, kernel:str|None)->bool:
+    "Whether a rerun would skip every sub-study (all finished in earlier runs of the sweep)."
+    sub = _sub_studies(cfg)
+    if sub is None or not (kernel and PIPELINES.is_dir()): return False
+    return all(is_done(r) for r in expand(_study_sweep(cfg, *sub, kernel)))
+
+def write_timing(out:Path, seconds:float, notebooks:bool, reused:bool=False):
+    ("timing.json: the wall time of the run that did the work. A rerun that only reused finished sub-studies keeps "
+     "that time and records its own as `rerun_seconds`.")
+    f = Path(out) / 'timing.json'
+    old = json.loads(f.read_text()) if reused and f.exists() else {}
+    t = {**old, 'rerun_seconds': seconds} if 'seconds' in old else {'seconds': seconds, 'notebooks': notebooks}
+    f.write_text(json.dumps(t))
 
 def run_study(cfg:StudyConfig|dict)->Path:
     ("Run the whole study into `cfg.out` (with `seeds` > 1: one study per seed, pooled; with `models`: one per "
@@ -372,12 +395,13 @@ def run_study(cfg:StudyConfig|dict)->Path:
     cfg = dataclasses.replace(cfg, out=str(check_out_dir(cfg.out).resolve()))   # the notebooks run with it as cwd
     out, t0 = Path(cfg.out), time.perf_counter()
     with RunLock(check_out_dir(out, create=True)):              # one study per folder
+        kernel = _kernel() if cfg.notebooks else None
+        reused = _all_done(cfg, kernel)                         # a rerun that redraws the map only
         (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
         if cfg.models: res = run_models(cfg)
         elif cfg.seeds == 1: _run_one(cfg); res = out / 'summary.md'
-        else: res = pool_studies(cfg, run_studies(cfg, 'seed', [cfg.seed + s for s in range(cfg.seeds)]))
-        nbs = bool(cfg.notebooks and _kernel() and PIPELINES.is_dir())
-        (out / 'timing.json').write_text(json.dumps({'seconds': time.perf_counter() - t0, 'notebooks': nbs}))
+        else: res = pool_studies(cfg, run_studies(cfg, *_sub_studies(cfg)))
+        write_timing(out, time.perf_counter() - t0, bool(kernel and PIPELINES.is_dir()), reused)
     return res
 
 # %% ../nbs/15_study.ipynb #d331871c
