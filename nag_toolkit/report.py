@@ -12,10 +12,11 @@ from .data import MIXTURES
 from .shift import plot_posterior_heatmap, plot_shift_curves, fit_error_scale, predicted_shift
 
 # %% auto #0
-__all__ = ['SHIFT_METHODS', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER', 'SAMPLER_NAMES', 'GUIDED', 'SIDES', 'fig_shift_vs_steps',
-           'fig_heatmaps', 'fig_shift_curves', 'fig_samplers', 'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt',
-           'headline', 'md_table', 'claim', 'findings', 'findings_md', 'fig_sample_grid', 'write_report',
-           'fig_where_nag_helps', 'map_findings', 'map_conclusions', 'collect_findings']
+__all__ = ['SHIFT_METHODS', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER', 'SAMPLER_NAMES', 'GUIDED', 'SIDES', 'MAP_GRID_METHODS',
+           'fig_shift_vs_steps', 'fig_heatmaps', 'fig_shift_curves', 'fig_samplers', 'fig_metrics_vs_w',
+           'fig_statement1', 'verdict', 'fmt', 'headline', 'md_table', 'claim', 'findings', 'findings_md',
+           'fig_sample_grid', 'write_report', 'fig_where_nag_helps', 'map_findings', 'map_conclusions',
+           'map_sample_grids', 'collect_findings']
 
 # %% ../nbs/15a_report.ipynb #e2498ebe
 # the methods whose shift is read at every step count, up to 250 (`study_methods` names)
@@ -383,6 +384,18 @@ def map_conclusions(m:pd.DataFrame, metric:str='fd')->list:
                   + (f" ({sides})." if sides else "."))
         out.append(s)
     return out
+
+MAP_GRID_METHODS = ['none', 'cf-NAG w=1', 'cf-NAG w=3', 'cb-NAG w=1', 'cb-NAG w=3']   # the rows of each model
+
+def map_sample_grids(cfg, # the study's options (a `StudyConfig` with `models`)
+                     outs:list)->dict: # the models' study folders, in the order of `cfg.models`
+    ("On images: (sampler, steps) -> the samples of every model, no guidance and NAG at w = 1 and 3, from the "
+     "same starting noise (every model's study draws it from the same seed).")
+    if cfg.dataset in MIXTURES: return {}
+    grids = {f'{n} steps: {k}': x for n, o in zip(cfg.models, outs)
+             for k, x in torch.load(Path(o) / 'boots.pt', weights_only=True)['grids'].items()}
+    rows = [f'{n} steps: {m}' for n in cfg.models for m in MAP_GRID_METHODS]
+    return {(s, k): fig_sample_grid(grids, rows, s, k) for s in cfg.samplers for k in cfg.steps}
 
 # %% ../nbs/15a_report.ipynb #6fd98e02
 def collect_findings(folders:list)->str:

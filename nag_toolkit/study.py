@@ -34,9 +34,9 @@ from .report import SHIFT_METHODS, write_report, _map_rows
 
 # %% auto #0
 __all__ = ['STUDY_DATASETS', 'BUILDERS', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'FULL_DIGITS', 'PRESETS',
-           'MAP_GRID_METHODS', 'StudyConfig', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method',
-           'study_methods', 'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'write_timing',
-           'run_study', 'pool_studies', 'run_models', 'map_sample_grids']
+           'StudyConfig', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods',
+           'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'write_timing', 'run_study',
+           'pool_studies', 'run_models']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -348,11 +348,14 @@ def _run_one(cfg:StudyConfig):
     else: stage_train(cfg); stage_estimator(cfg); write_report(cfg, stage_evaluate(cfg))
     return bool(kernel and PIPELINES.is_dir())
 
+def _sub_base(cfg:StudyConfig)->dict:
+    "The options every sub-study shares: the study's own, as one study run in-process."
+    return {**asdict(cfg), 'seeds': 1, 'models': [], 'notebooks': False}
+
 def _study_sweep(cfg:StudyConfig, name:str, values:list, kernel:str)->Sweep:
     "The sweep of pipelines/study.ipynb that runs one study per value of option `name`, `cfg.workers` at a time."
-    base = {**asdict(cfg), 'seeds': 1, 'models': [], 'notebooks': False}
     return Sweep(notebook=str(PIPELINES / 'study.ipynb'), grid={name: list(values)}, out=str(Path(cfg.out) / 'studies'),
-                 parameters={'study': base, 'threads': max(1, (os.cpu_count() or 1) // cfg.workers)},
+                 parameters={'study': _sub_base(cfg), 'threads': max(1, (os.cpu_count() or 1) // cfg.workers)},
                  executor=cfg.executor, workers=cfg.workers, kernel=kernel)
 
 def run_studies(cfg:StudyConfig, name:str, values:list)->list:
@@ -360,8 +363,7 @@ def run_studies(cfg:StudyConfig, name:str, values:list)->list:
      "exists, else one after another here; returns their folders.")
     kernel = _kernel() if cfg.notebooks else None
     if not (kernel and PIPELINES.is_dir()):
-        base = {**asdict(cfg), 'seeds': 1, 'models': [], 'notebooks': False}
-        outs = [Path(cfg.out) / 'studies' / f'{name}={v}' for v in values]
+        base, outs = _sub_base(cfg), [Path(cfg.out) / 'studies' / f'{name}={v}' for v in values]
         for v, o in zip(values, outs): _run_one(StudyConfig.from_dict({**base, name: v, 'out': str(o)}))
         return outs
     rep = run_sweep(sw := _study_sweep(cfg, name, values, kernel))
@@ -467,14 +469,3 @@ def run_models(cfg:StudyConfig)->Path:
     for (s, k), fig in map_sample_grids(cfg, outs).items():
         fig.savefig(out / f'samples_{s}_{k}.png', dpi=110, bbox_inches='tight'); plt.close(fig)
     return out / 'map.md'
-
-MAP_GRID_METHODS = ['none', 'cf-NAG w=1', 'cf-NAG w=3', 'cb-NAG w=1', 'cb-NAG w=3']   # the rows of each model
-
-def map_sample_grids(cfg:StudyConfig, outs:list)->dict:
-    ("On images: (sampler, steps) -> the samples of every model, no guidance and NAG at w = 1 and 3, from the "
-     "same starting noise (every model's study draws it from the same seed).")
-    if cfg.dataset in MIXTURES: return {}
-    grids = {f'{n} steps: {k}': x for n, o in zip(cfg.models, outs)
-             for k, x in torch.load(Path(o) / 'boots.pt', weights_only=True)['grids'].items()}
-    rows = [f'{n} steps: {m}' for n in cfg.models for m in MAP_GRID_METHODS]
-    return {(s, k): fig_sample_grid(grids, rows, s, k) for s in cfg.samplers for k in cfg.steps}
