@@ -16,7 +16,8 @@ from .analytic import GaussianMixture
 from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, time_grid, start_state
 from .samplers import run_sampler as _run_registered
-from .guidance import Denoiser, GuidedDenoiser, MixtureModel
+from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, GUIDERS, ClassifierFreeGuidance,
+                                  get_guider, parse_spec, interp_log_posterior)
 from .shift import ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats
 from .shift import plot_posterior_heatmap, plot_shift_curves
 from .metrics import mixture_metrics
@@ -25,7 +26,8 @@ from .train import load_trained, oracle_gap
 # %% auto #0
 __all__ = ['METRICS_SHOWN', 'BRANCHES', 'fig_png', 'slider', 'dropdown', 'Explorer', 'projection', 'plane_data', 'square_limits',
            'PathsExplorer', 'cell_centres', 'run_sampler', 'start_states', 'forward_heat', 'PosteriorExplorer',
-           'nag_controls', 'settings_key', 'NAGExplorer', 'metrics_html', 'read_run', 'DropoutExplorer']
+           'guider_options', 'nag_controls', 'settings_key', 'NAGExplorer', 'metrics_html', 'read_run',
+           'DropoutExplorer']
 
 # %% ../nbs/18_explorers.ipynb #f29490cb
 def fig_png(fig:Figure, # a matplotlib figure (pyplot-free)
@@ -217,8 +219,13 @@ def draw(self:PosteriorExplorer, fig, step):
             f'{r:.3f} for forward states: excess shift {m - r:+.3f}')
 
 # %% ../nbs/18_explorers.ipynb #cade51be
-def nag_controls(num_classes:int=0, steps:int=16)->dict:
-    "The NAG explorer's controls: guidance weights, steps, sampler, seed, guidance interval and class."
+def guider_options(weak:bool=False)->list:
+    "The explorer's method dropdown, from the registry: every guider but CFG (its own slider) and none (w = 0)."
+    names = [n for n in GUIDERS if n not in ('none', 'cfg') and (weak or n != 'autoguidance')]
+    return names + ['self-guidance:prev=true']                     # SG-prev, the variant with no extra forward
+
+def nag_controls(num_classes:int=0, steps:int=16, weak:bool=False)->dict:
+    "The NAG explorer's controls: the method and its weight, CFG's, steps, sampler, seed, window and class."
     classes = ['none'] + (['drawn'] + [str(k) for k in range(num_classes)] if num_classes else [])
     return {'w_nag': slider('w_nag', 0.0, 0, 3, 0.05), 'w_cfg': slider('w_cfg', 0.0, 0, 5, 0.25),
             'steps': slider('steps', steps, 2, 64, 1, integer=True), 'sampler': dropdown('sampler', list(SAMPLERS)),
@@ -226,13 +233,13 @@ def nag_controls(num_classes:int=0, steps:int=16)->dict:
             'interval': W.FloatRangeSlider(value=(0.0, 1.0), min=0, max=1, step=0.05, description='interval',
                                            continuous_update=False, style={'description_width': '64px'},
                                            layout=W.Layout(width='290px')),
-            'label': dropdown('class', classes)}
+            'label': dropdown('class', classes), 'method': dropdown('method', guider_options(weak), 'cf-nag')}
 
-def settings_key(w_nag, w_cfg, steps, sampler, seed, interval, label)->tuple:
+def settings_key(w_nag, w_cfg, steps, sampler, seed, interval, label, method:str='cf-nag')->tuple:
     "A hashable, normalised key of one setting (the full interval becomes None; w_cfg is 0 without classes)."
     lo, hi = (round(float(v), 6) for v in interval)
     return (round(float(w_nag), 6), round(float(w_cfg), 6) if label != 'none' else 0.0, int(steps), sampler, int(seed),
-            None if (lo, hi) == (0.0, 1.0) else (lo, hi), label)
+            None if (lo, hi) == (0.0, 1.0) else (lo, hi), label, method)
 
 # %% ../nbs/18_explorers.ipynb #771037c6
 class NAGExplorer(Explorer):
@@ -242,7 +249,8 @@ class NAGExplorer(Explorer):
                  model=None, # a network `model(x, t, y, null_t, null_y)`; None: the exact oracle (pred='v')
                  path='linear', n:int=1000, n_shift:int=256, n_traj:int=6,
                  grid_size:int=64, # t grid of the oracle's null-t average (coarser is faster)
-                 steps:int=16, cache_size:int=128):
+                 steps:int=16, cache_size:int=128,
+                 weak=None): # a weaker network with the same interface: autoguidance joins the methods
         self.gm, self.path = get_mixture(gm) if isinstance(gm, str) else gm, get_interpolant(path)
         oracle = lambda: MixtureModel(self.gm, self.path, pred='v', t_grid=cell_centres(grid_size))
         self.model = oracle() if model is None else model
@@ -253,7 +261,8 @@ class NAGExplorer(Explorer):
         self.lim = square_limits(self.data @ self.P)
         self.run = functools.lru_cache(maxsize=cache_size)(self._run)
         self.ref_mean = functools.lru_cache(maxsize=1024)(self._ref_mean)
-        super().__init__(nag_controls(getattr(self.model, 'num_classes', 0), steps))
+        self.weak = None if weak is None else Denoiser(weak, self.path)
+        super().__init__(nag_controls(getattr(self.model, 'num_classes', 0), steps, weak is not None))
         self.controls['w_cfg'].disabled = True      # CFG needs classes: live once a class setting is chosen
         self.controls['label'].observe(self._on_label, names='value')
 
@@ -279,6 +288,17 @@ def _labels(self:NAGExplorer, label:str, seed:int)->dict:
     return {'y': y}
 
 @patch
+def guiders(self:NAGExplorer, method:str, w:float, w_cfg:float, interval)->list:
+    ("The setting's guiders, built through the registry: the method at weight `w` and CFG, in the window; what a "
+     "spec leaves open comes from the mixture (its exact p(t | x) for cb-nag, its mean square for time-shift).")
+    lo, hi = interval or (0.0, 1.0)
+    grid = torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64)
+    log_g = lambda x, t: interp_log_posterior(torch.log_softmax(self.gm.log_prob_grid(x, grid, self.path), -1), grid, t)
+    spec = {**parse_spec(method), 'w': w, 't_lo': lo, 't_hi': hi}
+    g = get_guider(spec, log_g=log_g, data_var=self.data.pow(2).mean().item(), weak=self.weak)
+    return [g, ClassifierFreeGuidance(w_cfg, lo, hi)]
+
+@patch
 def _ref_mean(self:NAGExplorer, t:float)->float:
     "Mean E[t|x] of fresh forward states at time `t` (the shift's reference)."
     x = self.gm.sample_xt(self.n_shift, t, self.path, generator=torch.Generator().manual_seed(int(t * 1e6)))[0]
@@ -287,8 +307,8 @@ def _ref_mean(self:NAGExplorer, t:float)->float:
 @patch
 def _run(self:NAGExplorer, key:tuple)->dict:
     "Sample once with the setting `key`: samples, projected trajectories, shift per step and exact metrics."
-    w_nag, w_cfg, steps, sampler, seed, interval, label = key
-    den = GuidedDenoiser(self.den, w_cfg=w_cfg, w_nag=w_nag, interval=interval)
+    w_nag, w_cfg, steps, sampler, seed, interval, label, method = key
+    den = GuidedDenoiser(self.den, self.guiders(method, w_nag, w_cfg, interval))
     x1, rec = start_states(self.gm, self.n, self.path, seed), TrajectoryRecorder()
     traj = [x1[:self.n_traj]]
     def keep(d): rec({**d, 'x': d['x'][:self.n_shift]}); traj.append(d['x'][:self.n_traj].float())
@@ -334,16 +354,17 @@ def draw(self:NAGExplorer, fig, **values):
     self._background(ax1); self._background(ax2)
     xy = cur['x0'].float() @ self.P
     ax1.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.5, color='C0')
-    ax1.set_title(f"samples: w_nag = {key[0]:g}, w_cfg = {key[1]:g}, {key[2]} {key[3]} steps", fontsize=9)
+    name = 'w_nag' if key[7] == 'cf-nag' else f'{key[7]} w'                # the method's weight, as labelled
+    ax1.set_title(f"samples: {name} = {key[0]:g}, w_cfg = {key[1]:g}, {key[2]} {key[3]} steps", fontsize=9)
     for i in range(len(cur['traj'])):
         ax2.plot(base['traj'][i, :, 0], base['traj'][i, :, 1], '--', color=f'C{i}', lw=0.8, alpha=0.6)
         ax2.plot(cur['traj'][i, :, 0], cur['traj'][i, :, 1], '.-', color=f'C{i}', lw=1, ms=3)
-    ax2.set_title('trajectories (dashed: w_nag = 0)', fontsize=9)
-    runs = {'w_nag = 0': base} | ({f'w_nag = {key[0]:g}': cur} if key[0] else {})
+    ax2.set_title(f'trajectories (dashed: {name} = 0)', fontsize=9)
+    runs = {f'{name} = 0': base} | ({f'{name} = {key[0]:g}': cur} if key[0] else {})
     df = pd.concat([r['shift'].assign(label=name) for name, r in runs.items()])
     plot_shift_curves(df, value='excess_shift', title='excess shift: E[t|x] minus forward states', ax=ax3)
     low = lambda r: {**r['metrics'], 'excess_shift_low_t': r['shift'].excess_shift[r['shift'].t <= 0.5].mean()}
-    return metrics_html({f'w_nag = {key[0]:g}': low(cur), 'w_nag = 0': low(base)})
+    return metrics_html({f'{name} = {key[0]:g}': low(cur), f'{name} = 0': low(base)})
 
 @patch
 def _on_label(self:NAGExplorer, change):

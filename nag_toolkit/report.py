@@ -183,7 +183,8 @@ def _groups(res:pd.DataFrame)->list:
     "(method, sampler, steps, headline) of every claim group: the floor, then each family's method per cell."
     cells = _cells(res); low = cells[0][1]
     groups = [('floor', s, k, True) for s, k in cells if k == low]
-    for fam in GUIDED:
+    others = [f for f in res.family.unique() if f not in (*GUIDED, 'floor', 'none', 'exact')]   # more guiders
+    for fam in (*GUIDED, *others):
         if (m := _pick(res, fam)): groups += [(m, s, k, k == low and not fam.startswith('exact')) for s, k in cells]
     return groups
 

@@ -6,10 +6,8 @@
 from __future__ import annotations
 import dataclasses, json, os, shutil, time
 from dataclasses import dataclass, field, asdict
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 from fastcore.basics import patch
 import torch, pandas as pd
 import matplotlib.pyplot as plt
@@ -20,8 +18,8 @@ from .sweep import Sweep, EXECUTORS, expand, run_sweep, is_done
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, run_sampler, start_state, time_grid
-from .guidance import (Denoiser, GuidedDenoiser, ClassifierNAG, EpsScaling, TimeShift, MixtureModel,
-                                  interp_log_posterior)
+from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, interp_log_posterior, get_guider,
+                                  parse_spec)
 from .train import TrainConfig, train, training_report, load_trained
 from .estimator import build_estimator, train_estimator, save_estimator, load_estimator, calibration
 from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table,
@@ -33,10 +31,10 @@ from .report import *        # the figures, tables and findings (chapter 15a), r
 from .report import SHIFT_METHODS, write_report, _map_rows
 
 # %% auto #0
-__all__ = ['STUDY_DATASETS', 'BUILDERS', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'FULL_DIGITS', 'PRESETS',
-           'StudyConfig', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'study_methods',
-           'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'write_timing', 'run_study',
-           'pool_studies', 'run_models']
+__all__ = ['STUDY_DATASETS', 'FAMILIES', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'FULL_DIGITS', 'PRESETS',
+           'StudyConfig', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'build_method',
+           'study_methods', 'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'write_timing',
+           'run_study', 'pool_studies', 'run_models']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -60,6 +58,8 @@ class StudyConfig:
     w_nag: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     w_cb: list = field(default_factory=lambda: [0.5, 1.0])               # classifier-based NAG weights
     baselines: bool = True          # run epsilon scaling and the time-shift sampler too
+    # more guiders of the registry, each a spec (`self-guidance:w=1`, `autoguidance:w=1,weak=RUN`): see `method`
+    guidance: list = field(default_factory=list)
     exact: bool = True              # on a mixture, run the exact score and the exact NAGs too
     eps_b: float = 1.005            # epsilon scaling lambda_t = b (k = 0)
     n_boot: int = 100               # bootstrap resamples of every interval
@@ -88,6 +88,7 @@ def from_dict(cls:StudyConfig, d:dict)->StudyConfig:
     check_range('p_drop', cfg.p_drop, 0, 1, hi_open=True)
     for n in cfg.models: check_range('models', n, 1)
     check_range('workers', cfg.workers, 1); check_choice('executor', cfg.executor, EXECUTORS)
+    for spec in cfg.guidance: get_guider(spec)                   # names and options checked before any work
     return cfg
 
 # %% ../nbs/15_study.ipynb #a8878eb0
@@ -131,13 +132,31 @@ def forward_check(est, ds, path, t_bins:int=10, n_per_bin:int=256, seed:int=0)->
 # %% ../nbs/15_study.ipynb #644bb5e2
 @dataclass(frozen=True)
 class Method:
-    ("One method of the sweep: its name in the tables, its family, its guidance weight, "
-     "and how to build its x0 denoiser.")
+    "One method of the sweep: its name in the tables, its family, its guidance weight and its guider spec."
     name: str
     family: str
     w: float
-    build: Callable     # build(ctx) -> a denoiser (x, t) -> x0 hat; ctx: den, est, gm, path, data_var, cfg
+    guidance: str|dict|None = 'none'    # a guider spec (see `get_guider`); None: the floor (fresh true samples)
+    exact: bool = False                 # around the mixture's exact denoiser instead of the learned one
 
+# the tables' names of the registry's guiders (the others keep their registry name)
+FAMILIES = {'none': 'none', 'cf-nag': 'cf-NAG', 'cb-nag': 'cb-NAG', 'eps-scaling': 'eps scaling',
+            'time-shift': 'time shift'}
+
+def _fmt(v)->str: return f'{v:g}' if isinstance(v, float) else str(v)
+
+def method(spec, # a guider spec (`cf-nag:w=0.5`, a mapping), or 'floor'
+           name:str|None=None, # its name in the tables; None: the family and the options given (`cf-NAG w=0.5`)
+           exact:bool=False)->Method: # around the mixture's exact denoiser
+    "The `Method` of a guider spec, named as in the tables."
+    if spec == 'floor': return Method('floor', 'floor', 0.0, None)
+    g, given = get_guider(spec), (dict(spec) if isinstance(spec, dict) else parse_spec(spec))
+    family = 'SG-prev' if getattr(g, 'prev', False) else FAMILIES.get(g.name, g.name)
+    if exact: family = 'exact' if g.name == 'none' else f'exact {family}'
+    opts = ','.join(f'{k}={_fmt(v)}' for k, v in given.items() if k not in ('name', 'prev'))
+    return Method(name or (f'{family} {opts}' if opts else family), family, g.w, spec, exact)
+
+# %% ../nbs/15_study.ipynb #42ade4a7
 def _exact_den(ctx): return Denoiser(MixtureModel(ctx.gm, ctx.path, pred='v'), ctx.path)
 
 def _exact_log_g(ctx):
@@ -145,29 +164,23 @@ def _exact_log_g(ctx):
     grid = torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64)
     return lambda x, t: interp_log_posterior(torch.log_softmax(ctx.gm.log_prob_grid(x, grid, ctx.path), -1), grid, t)
 
-BUILDERS = {'none': lambda ctx: ctx.den,
-            'eps scaling': lambda ctx: EpsScaling(ctx.den, k=0.0, b=ctx.cfg.eps_b),
-            'time shift': lambda ctx: TimeShift(ctx.den, data_var=ctx.data_var),
-            'cb-NAG': lambda ctx, w: ClassifierNAG(ctx.den, w, log_g=ctx.est.log_prob_t),
-            'cf-NAG': lambda ctx, w: GuidedDenoiser(ctx.den, w_nag=w),
-            'exact': _exact_den,
-            'exact cf-NAG': lambda ctx, w: GuidedDenoiser(_exact_den(ctx), w_nag=w),
-            'exact cb-NAG': lambda ctx, w: ClassifierNAG(_exact_den(ctx), w, log_g=_exact_log_g(ctx)),
-            'floor': lambda ctx: None}    # fresh true samples: no denoiser (see `one_run`)
-
-def method(family:str, w:float|None=None, name:str|None=None)->Method:
-    "The `Method` of a family (and weight, for the guided ones), named as in the tables."
-    check_choice('method family', family, BUILDERS)
-    if w is None: return Method(name or family, family, 0.0, BUILDERS[family])
-    return Method(name or f'{family} w={w:g}', family, float(w), partial(BUILDERS[family], w=float(w)))
+def build_method(m:Method, ctx)->GuidedDenoiser|None:
+    "The samplers' denoiser of a method: its guider around the learned or exact denoiser (None for the floor)."
+    if m.guidance is None: return None
+    den = _exact_den(ctx) if m.exact else ctx.den
+    # what a spec leaves open: the noise-level posterior, the data's scale, ADM-ES's b
+    posterior = {'log_g': _exact_log_g(ctx)} if m.exact else {'estimator': ctx.est}
+    return GuidedDenoiser(den, [get_guider(m.guidance, **posterior, data_var=ctx.data_var, b=ctx.cfg.eps_b)])
 
 def study_methods(cfg:StudyConfig)->list:
     ("Every method of the sweep, in table order: the exact ones (mixtures), the floor, no guidance, "
-     "the baselines, the NAGs.")
-    exact = [method('exact', name='exact score'), method('exact cf-NAG', 1.0), method('exact cb-NAG', 1.0)]
-    base = [method('eps scaling'), method('time shift')] if cfg.baselines else []
+     "the baselines, the NAGs, then `cfg.guidance`.")
+    exact = [method('none', 'exact score', exact=True), method('cf-nag:w=1', exact=True),
+             method('cb-nag:w=1', exact=True)]
+    base = [method('eps-scaling'), method('time-shift')] if cfg.baselines else []
     return ((exact if cfg.dataset in MIXTURES and cfg.exact else []) + [method('floor'), method('none')] + base
-            + [method('cb-NAG', w) for w in cfg.w_cb] + [method('cf-NAG', w) for w in cfg.w_nag])
+            + [method(f'cb-nag:w={w:g}') for w in cfg.w_cb] + [method(f'cf-nag:w={w:g}') for w in cfg.w_nag]
+            + [method(s) for s in cfg.guidance])
 
 def start_noise(cfg:StudyConfig, n:int, shape)->torch.Tensor:
     "The shared starting states at t = 1: one generator per sample, seeded by (seed, index)."
@@ -287,7 +300,7 @@ def stage_evaluate(cfg:StudyConfig)->dict:
     out, mix = Path(cfg.out), cfg.dataset in MIXTURES
     ds, gm = get_dataset(cfg.dataset), (get_mixture(cfg.dataset) if mix else None)
     ctx, methods = _context(cfg, ds, gm), {m.name: m for m in study_methods(cfg)}
-    dens, x1 = {k: m.build(ctx) for k, m in methods.items()}, start_noise(cfg, cfg.n_samples, ds.shape)
+    dens, x1 = {k: build_method(m, ctx) for k, m in methods.items()}, start_noise(cfg, cfg.n_samples, ds.shape)
     scorer = Scorer(cfg, ds, gm)
     forward = (lambda s: mixture_reference(gm, cfg.path, s)) if mix else (lambda s: dataset_reference(ds, cfg.path, s))
     refs = {'exact': _cached_reference(forward(cfg.seed + 3)), 'g': _cached_reference(forward(cfg.seed + 3)),
