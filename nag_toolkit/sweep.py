@@ -14,9 +14,9 @@ from .core import (ConfigError, config_from_dict, check_choice, check_range, rea
                               RunLock)
 
 # %% auto #0
-__all__ = ['EXECUTORS', 'RUNNERS', 'Sweep', 'submitit_options', 'default_kernel', 'read_grid', 'Run', 'run_id', 'expand',
-           'is_done', 'plan', 'error_line', 'execute_run', 'run_local', 'run_submitit', 'read_result', 'collect',
-           'SweepReport', 'run_sweep']
+__all__ = ['EXECUTORS', 'RUNNERS', 'Sweep', 'submitit_options', 'default_kernel', 'read_grid', 'Run', 'run_id', 'run_parameters',
+           'expand', 'is_done', 'plan', 'error_line', 'execute_run', 'run_local', 'run_submitit', 'read_result',
+           'collect', 'SweepReport', 'run_sweep']
 
 # %% ../nbs/17_sweep.ipynb #f6526516
 EXECUTORS = ('local', 'submitit', 'slurm')
@@ -62,7 +62,7 @@ def _check_names(sw:Sweep):
     name = Path(sw.notebook).name
     if 'out' not in declared:
         raise ConfigError(f"notebook {name} has no 'out' parameter; a sweep passes each run's folder as out")
-    for k in [*sw.parameters, *sw.grid]:
+    for k in [*sw.parameters, *(k.partition('.')[0] for k in sw.grid)]:     # `p.key`: an option of p
         if k not in declared: raise ConfigError(f"{k!r} is not a parameter of {name}; allowed: {', '.join(declared)}")
 
 # %% ../nbs/17_sweep.ipynb #6ec5f0c7
@@ -123,12 +123,28 @@ def run_id(point:dict, # the run's grid values
     readable = re.sub(r'[^A-Za-z0-9_.=+-]+', '-', text).strip('-')[:48]
     return f"{readable}-{hashlib.sha1(_key(params).encode()).hexdigest()[:8]}"
 
+def run_parameters(parameters:dict, # the fixed parameters
+                   point:dict)->dict: # one point of the grid
+    "A run's parameters: the fixed ones and the point's; a dotted grid name `p.key` sets the option `key` of `p`."
+    params = dict(parameters)
+    for k, v in point.items():
+        head, dot, key = k.partition('.')
+        if not dot:
+            params[k] = v
+            continue
+        base = params.get(head) or {}
+        if isinstance(base, str):                             # a guider spec, `cf-nag:w=1`, read as a mapping
+            from nag_toolkit.guidance import parse_spec
+            base = parse_spec(base)
+        params[head] = {**base, key: v}
+    return params
+
 def expand(sw:Sweep)->list:
     "The runs of a sweep: one per point of the grid's Cartesian product, in the grid's order."
     runs = []
     for values in itertools.product(*sw.grid.values()):
         point = dict(zip(sw.grid, values))
-        params = {**sw.parameters, **point}
+        params = run_parameters(sw.parameters, point)
         rid = run_id(point, params)
         runs.append(Run(rid, Path(sw.out) / 'runs' / rid, params, point))
     return runs
