@@ -526,13 +526,16 @@ def _option(name:str, key:str, value, cls):
     except (ValueError, TypeError, KeyError):
         raise ConfigError(f"guidance {name!r}: {key}={value!r} is not allowed; allowed: {allowed}") from None
 
-def get_guider(spec)->Guider:
+def get_guider(spec, # `NAME`, `NAME:key=value,...`, a mapping with `name`, or a guider (returned as is)
+               **given)->Guider: # options the calling code supplies where the spec leaves them out (objects too)
     "The guider of a spec: `NAME`, `NAME:key=value,...`, a mapping with `name`, or a guider."
     if isinstance(spec, Guider): return spec
     d = dict(spec) if isinstance(spec, dict) else parse_spec(spec)
     name = check_choice('guidance', d.pop('name', None), GUIDERS)
     cls = GUIDERS[name]
     kwargs = {k: _option(name, k, v, cls) for k, v in d.items()}
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {**{k: v for k, v in given.items() if k in params}, **kwargs}   # the spec wins
     try: return cls(**kwargs)
     except ConfigError as e: raise ConfigError(f"guidance {name!r}: {e}") from None
 
