@@ -17,6 +17,9 @@ SAMPLE = sorted(p for p in CONFIGS.glob('*.yaml') if 'checkpoint' in yaml.safe_l
 
 @pytest.mark.parametrize('path', SAMPLE, ids=lambda p: p.name)
 def test_sampling_scenarios_are_valid(path):
-    from nag_toolkit.sample import SampleConfig
-    SampleConfig.from_dict(yaml.safe_load(path.read_text()))
+    from nag_toolkit.sample import SampleConfig, guidance_specs
+    from nag_toolkit.guidance import get_guider
+    cfg = SampleConfig.from_dict(yaml.safe_load(path.read_text()))
+    guiders = [get_guider(s) for s in guidance_specs(cfg)]        # every spec names a guider with valid options
     assert len(SAMPLE) >= 1
+    if path.name == 'dit_xl2_peers.yaml': assert [g.spec for g in guiders] == ['cb-nag:w=2,estimator=runs/dit_xl2_estimator']

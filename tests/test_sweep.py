@@ -130,3 +130,21 @@ def test_dry_run_lists_the_runs_and_runs_nothing(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and all(' todo ' in l for l in lines[1:]) and 'a=0.5_b=2-' in lines[1]
     assert not (tmp_path / 'sweep').exists()
+
+def test_a_guiders_option_is_a_grid_axis_of_the_fid_pipeline(tmp_path, capsys):
+    "configs/sweeps/guidance.yaml: `guidance.w` over `guidance: cf-nag` gives each run the spec {name, w}."
+    from nag_toolkit.sweep import expand
+    from nag_toolkit.guidance import get_guider
+    grid = Path(__file__).resolve().parent.parent / 'configs' / 'sweeps' / 'guidance.yaml'
+    sw = read_grid(grid, out=str(tmp_path / 'sweep'))
+    specs = [r.params['guidance'] for r in expand(sw)]
+    assert specs == [{'name': 'cf-nag', 'w': w} for w in (0.0, 0.5, 1.0, 2.0)]
+    assert [get_guider(s).spec for s in specs] == ['cf-nag:w=0', 'cf-nag:w=0.5', 'cf-nag', 'cf-nag:w=2']
+    main(['sweep', str(grid), '--out', str(tmp_path / 'sweep'), '--dry-run'])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and 'guidance.w=0.5-' in lines[2]
+    # a dotted name whose head is not a parameter of the notebook is refused on one line
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(grid.read_text()), 'notebook': str(grid.parent.parent.parent
+                                   / 'nbs' / 'pipelines' / 'fid.ipynb'), 'grid': {'guider.w': [1, 2]}}))
+    with pytest.raises(ConfigError, match="'guider' is not a parameter of fid.ipynb"): read_grid(bad)
