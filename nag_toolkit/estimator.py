@@ -4,16 +4,25 @@
 
 # %% ../nbs/12_estimator.ipynb #a89340e8
 from __future__ import annotations
-import math
+import contextlib, math, time
+from dataclasses import dataclass, field, asdict, is_dataclass
 from pathlib import Path
+from fastcore.basics import patch
 import torch, torch.nn as nn, torch.nn.functional as F
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from .core import ConfigError, check_choice, check_range, sample_seed, as_t, progress as progress_bar
-from .interpolants import get_interpolant
+from .core import config_from_dict, check_out_dir, warn
+from .interpolants import get_interpolant, INTERPOLANTS
+from .data import get_dataset, DATASETS
+from .checkpoint import save_checkpoint, latest_checkpoint, load_checkpoint
+from .train import pick_device, init_distributed, StopFlag, _agree, _log, _take_folder, _trim_log
 
 # %% auto #0
-__all__ = ['MLPEncoder', 'ConvEncoder', 'DiTFeatureHead', 'NoiseLevelEstimator', 'build_estimator', 'estimator_batch',
-           'train_estimator', 'save_estimator', 'load_estimator', 'exact_bin_posterior', 'calibration']
+__all__ = ['ESTIMATOR_RESUME_FREE', 'MLPEncoder', 'ConvEncoder', 'DiTFeatureHead', 'NoiseLevelEstimator', 'build_estimator',
+           'estimator_batch', 'estimator_optimizer', 'estimator_step', 'train_estimator', 'save_estimator',
+           'load_estimator', 'exact_bin_posterior', 'calibration', 'EstimatorConfig', 'check_estimator',
+           'forward_check', 'calibration_report', 'run_estimator']
 
 # %% ../nbs/12_estimator.ipynb #bfc258f8
 class MLPEncoder(nn.Module):
@@ -64,6 +73,7 @@ class NoiseLevelEstimator(nn.Module):
         "Bin logits (at least float32 precision)."
         z = self.head(self.backbone(x))
         return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    def forward(self, x): return self.logits(x)      # what DDP calls
     def posterior(self, x): return torch.softmax(self.logits(x), -1)
     def mean(self, x): return self.posterior(x) @ self.centers
     def map(self, x): return self.centers[self.posterior(x).argmax(-1)]
@@ -89,52 +99,95 @@ def build_estimator(sample_shape, # the shape of one sample, e.g. (32,) or (1, 8
     return est
 
 # %% ../nbs/12_estimator.ipynb #e88bd983
-def estimator_batch(est:NoiseLevelEstimator, ds, path, step:int, batch_size:int, seed:int):
-    "Forward states `x_t` and their bin labels for one training step."
+def estimator_batch(est:NoiseLevelEstimator, ds, path, step:int, batch_size:int, seed:int,
+                    rank:int=0, world:int=1): # this process and the number of processes sharing the batch
+    "Forward states `x_t` and their bin labels for one training step: process `rank`'s rows of the global batch."
     g = torch.Generator().manual_seed(sample_seed(seed, step))
-    x0 = ds.read(torch.randint(len(ds), (batch_size,), generator=g))[0].float()   # any dataset of nag_toolkit.data
+    # the global batch: data rows, one bin per row, a t uniform inside that bin, the noise
+    idx = torch.randint(len(ds), (batch_size,), generator=g)
     b = torch.randint(est.bins, (batch_size,), generator=g)
     lo, hi = est.edges.cpu()[b], est.edges.cpu()[b + 1]
     t = lo + (hi - lo) * torch.rand(batch_size, generator=g)
-    return path.add_noise(x0, t, torch.randn(x0.shape, generator=g)), b
+    eps = torch.randn((batch_size, *ds.shape), generator=g)
+    # this process's rows; it reads only its own data (any dataset of nag_toolkit.data)
+    rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    x0 = ds.read(idx[rows])[0].float()
+    return path.add_noise(x0, t[rows], eps[rows]), b[rows]
+
+def estimator_optimizer(est:NoiseLevelEstimator, lr:float, steps:int,
+                        start:int=0, # optimizer steps already taken (a resumed run)
+                        state:dict|None=None): # the optimizer's state dict after `start` steps (from a checkpoint)
+    "AdamW on the trainable weights and its one-cycle learning-rate schedule over `steps`, placed after `start` steps."
+    opt = torch.optim.AdamW([p for p in est.parameters() if p.requires_grad], lr=lr, foreach=True)
+    if state is not None: opt.load_state_dict(state)          # moments, step counts, the schedule's lr and betas
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1,
+                                                last_epoch=start - 1)     # -1: a fresh schedule
+    return opt, sched
+
+def estimator_step(net, opt, sched, xt, b)->torch.Tensor:
+    "One optimizer step of cross-entropy between the bin logits `net(xt)` and the bins `b`; returns the loss."
+    loss = F.cross_entropy(net(xt), b)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.detach()
 
 def train_estimator(est:NoiseLevelEstimator, ds, path='linear', steps:int=2000, batch_size:int=512,
                     lr:float=2e-3, seed:int=0, device='cpu', progress:bool=True)->list:
-    "Train `est` with cross-entropy on forward states of `ds`; returns the loss per step."
+    "Train `est` in memory with cross-entropy on forward states of `ds`; returns the loss per step."
     path, losses = get_interpolant(path), []
     est.to(device).train()
-    params = [p for p in est.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, foreach=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    opt, sched = estimator_optimizer(est, lr, steps)
     for step in progress_bar(range(steps), desc='estimator', disable=not progress):
         xt, b = estimator_batch(est, ds, path, step, batch_size, seed)
-        loss = F.cross_entropy(est.logits(xt.to(device)), b.to(device))
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
-        losses.append(loss.item())
+        losses.append(estimator_step(est, opt, sched, xt.to(device), b.to(device)).item())
     return losses
 
 # %% ../nbs/12_estimator.ipynb #96fceb8c
 def save_estimator(est:NoiseLevelEstimator, folder)->Path:
     "Write `est` (built by `build_estimator`) to `folder` as estimator.safetensors + estimator.json."
     from safetensors.torch import save_file
-    import json
+    import json, os
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in est.state_dict().items()}
-    save_file(weights, folder / 'estimator.safetensors')
-    (folder / 'estimator.json').write_text(json.dumps(est.config, indent=1))
+    save_file(weights, folder / 'estimator.safetensors.tmp')
+    (folder / 'estimator.json.tmp').write_text(json.dumps(est.config, indent=1))
+    os.replace(folder / 'estimator.safetensors.tmp', folder / 'estimator.safetensors')
+    os.replace(folder / 'estimator.json.tmp', folder / 'estimator.json')     # last: now the folder holds an estimator
     return folder
 
-def load_estimator(folder, device='cpu')->NoiseLevelEstimator:
-    "Read an estimator written by `save_estimator` (eval mode)."
+def load_estimator(folder, # a folder written by `save_estimator` or `run_estimator`, or a checkpoint of such a run
+                   device='cpu')->NoiseLevelEstimator:
+    "Read an estimator (eval mode): the one saved in `folder`, else the one in an estimator run's checkpoint."
+    folder = Path(folder)
+    est = _saved_estimator(folder) if (folder / 'estimator.json').exists() else _checkpointed_estimator(folder)
+    return est.to(device).eval()
+
+def _saved_estimator(folder:Path)->NoiseLevelEstimator:
+    "The estimator that `save_estimator` wrote to `folder`."
     from safetensors.torch import load_file
     import json
-    folder = Path(folder)
-    if not (folder / 'estimator.json').exists():
-        raise ConfigError(f"estimator={str(folder)!r} holds no estimator.json; "
-                          "allowed: a folder written by save_estimator")
     est = build_estimator(**json.loads((folder / 'estimator.json').read_text()))
     est.load_state_dict(load_file(folder / 'estimator.safetensors'))
-    return est.to(device).eval()
+    return est
+
+def _checkpointed_estimator(folder:Path)->NoiseLevelEstimator:
+    "The estimator in a checkpoint of `run_estimator` (a run folder: its newest intact one); unfinished: a warning."
+    if not ((folder / 'state.json').exists() or (folder / 'checkpoints').is_dir() or folder.name == 'checkpoints'):
+        raise ConfigError(f"estimator={str(folder)!r} holds no estimator.json; allowed: a folder written by "
+                          "save_estimator or nag-toolkit estimator, or a checkpoint of such a run")
+    ck = load_checkpoint(folder)
+    st = ck['state']
+    if st.get('kind') != 'estimator':
+        raise ConfigError(f"estimator={str(folder)!r} holds a checkpoint of another kind of run; allowed: a folder "
+                          "written by save_estimator or nag-toolkit estimator, or a checkpoint of such a run")
+    if st['step'] < st['config']['steps']:
+        warn(f"estimator={str(folder)!r} is an unfinished run (step {st['step']} of {st['config']['steps']}); "
+             "using its checkpoint")
+    est = build_estimator(**st['estimator'])
+    est.load_state_dict(ck['model'])
+    return est
 
 # %% ../nbs/12_estimator.ipynb #37021954
 @torch.no_grad()
@@ -162,3 +215,164 @@ def calibration(est:NoiseLevelEstimator, gm, path='linear', t_bins:int=10, n_per
         rows.append({'t_lo': lo, 't_hi': hi, 'mean_abs_gap': ((pe - pg) @ c).abs().mean().item(),
                      'kl': kl.mean().item(), 'exact_mean_shift': (pe @ c - t.double()).mean().item()})
     return pd.DataFrame(rows)
+
+# %% ../nbs/12_estimator.ipynb #e1a70002
+@dataclass
+class EstimatorConfig:
+    "Everything an estimator run depends on; `check_estimator` validates it."
+    dataset: str = 'gmm32'          # a name of nag_toolkit.data: a mixture, a toy, digits, folder, torchvision, latents
+    dataset_options: dict = field(default_factory=dict)  # passed to get_dataset (n, seed, root, path, ...)
+    path: str = 'linear'            # the interpolant whose forward states g learns to read
+    bins: int = 100                 # G, equal bins of [t_min, t_max]
+    t_min: float = 0.0
+    t_max: float = 1.0
+    width: int = 256                # the MLP backbone (vectors): its width and depth
+    depth: int = 3
+    channels: int = 32              # the convolutional backbone (images): its first layer's channels, a multiple of 8
+    steps: int = 2000               # optimizer steps in all; the one-cycle learning-rate schedule spans them
+    batch_size: int = 512           # global batch, split evenly across processes
+    lr: float = 2e-3                # the schedule's peak learning rate
+    seed: int = 0                   # the initial weights and every batch
+    log_every: int = 50             # a row of out/metrics.csv every log_every steps
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2       # checkpoints kept (0 keeps all)
+    t_bins: int = 10                # calibration.csv: bins of the true t ...
+    n_per_bin: int = 256            # ... and forward states in each
+    device: str = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    out: str = 'runs/estimator'     # the run folder: checkpoints, metrics.csv, the estimator, calibration.csv
+
+ESTIMATOR_RESUME_FREE = {'log_every', 'ckpt_every', 'keep_checkpoints', 't_bins', 'n_per_bin', 'device', 'out'}
+
+def check_estimator(cfg:EstimatorConfig|dict, # the options: an `EstimatorConfig` or a dict of its fields
+                    world:int=1)->EstimatorConfig: # processes sharing each batch
+    "Every option's type and range, checked before any work: a validated copy, or a one-line ConfigError."
+    c = config_from_dict(EstimatorConfig, asdict(cfg) if is_dataclass(cfg) else cfg, 'noise-level estimator option')
+    check_choice('dataset', c.dataset, DATASETS); check_choice('path', c.path, INTERPOLANTS)
+    for name in ('steps', 'batch_size', 'width', 'depth', 'log_every', 'ckpt_every', 't_bins', 'n_per_bin'):
+        check_range(name, getattr(c, name), 1)
+    check_range('bins', c.bins, 2); check_range('lr', c.lr, 0, lo_open=True)
+    check_range('keep_checkpoints', c.keep_checkpoints, 0)
+    check_range('t_min', c.t_min, 0, c.t_max, hi_open=True); check_range('t_max', c.t_max, c.t_min, 1, lo_open=True)
+    if c.channels < 8 or c.channels % 8:
+        raise ConfigError(f"channels={c.channels} is not allowed; allowed: a positive multiple of 8")
+    if c.batch_size % world:
+        raise ConfigError(f"batch_size={c.batch_size} is not divisible by the world size {world}; "
+                          f"allowed: a multiple of {world}")
+    return c
+
+@patch(cls_method=True)
+def from_dict(cls:EstimatorConfig, d:dict)->EstimatorConfig:
+    "A validated `EstimatorConfig` from a plain dict (YAML, flags, papermill parameters)."
+    return check_estimator(d)
+
+# %% ../nbs/12_estimator.ipynb #e1a70005
+@torch.no_grad()
+def forward_check(est:NoiseLevelEstimator, ds, path, t_bins:int=10, n_per_bin:int=256, seed:int=0):
+    ("Where no exact posterior exists: per t-bin, mean |E_g[t|x] - t| on forward states "
+     "(an upper bound on its error plus the posterior's own width).")
+    import pandas as pd
+    from nag_toolkit.shift import dataset_reference       # at call time: the shift module imports the metrics
+    ref, g, rows = dataset_reference(ds, path, seed), torch.Generator().manual_seed(seed), []
+    for i in range(t_bins):
+        lo, hi = i / t_bins, (i + 1) / t_bins
+        t = lo + (hi - lo) * torch.rand(n_per_bin, generator=g)
+        gap = (est.mean(ref(n_per_bin, t).to(est.edges.device)).cpu() - t).abs().mean().item()
+        rows.append({'t_lo': lo, 't_hi': hi, 'mean_abs_gap': gap, 'kl': float('nan')})
+    return pd.DataFrame(rows)
+
+def calibration_report(est:NoiseLevelEstimator, ds, path, t_bins:int=10, n_per_bin:int=256):
+    "The calibration of `est` on `ds`: against the exact posterior where `ds` is a mixture, else the forward check."
+    gm = ds.meta.get('mixture')
+    if gm is not None: return calibration(est, gm, path, t_bins, n_per_bin)
+    return forward_check(est, ds, path, t_bins, n_per_bin)
+
+# %% ../nbs/12_estimator.ipynb #e1a70008
+def _estimator_setup(cfg:EstimatorConfig, held:contextlib.ExitStack)->dict:
+    ("Data, estimator and optimizer of the run, resumed from the newest intact checkpoint in `cfg.out` "
+     "(locked in `held`).")
+    device = pick_device(cfg.device)
+    rank, world = init_distributed(device)
+    cfg = check_estimator(cfg, world)                         # the global batch splits evenly across processes
+    ds = get_dataset(cfg.dataset, **cfg.dataset_options)
+    torch.manual_seed(cfg.seed)                               # the initial weights follow the seed
+    est = build_estimator(ds.shape, bins=cfg.bins, width=cfg.width, depth=cfg.depth, channels=cfg.channels,
+                          t_min=cfg.t_min, t_max=cfg.t_max).to(device)
+    run = {'cfg': cfg, 'device': device, 'rank': rank, 'world': world, 'ds': ds, 'est': est,
+           'path': get_interpolant(cfg.path), 'step': 0}
+    _take_folder(run, held)                                   # every option checked: make the folder and lock it
+    # the newest intact checkpoint, if any: weights, then the optimizer and the schedule placed after its step
+    ck = load_checkpoint(cfg.out) if latest_checkpoint(cfg.out) is not None else None
+    if ck is not None: _resume_estimator(run, ck)
+    run['opt'], run['sched'] = estimator_optimizer(est, cfg.lr, cfg.steps, run['step'], ck and ck['optimizer'])
+    if rank == 0: _trim_log(Path(cfg.out) / 'metrics.csv', run['step'])    # rows a killed run logged past it
+    return run
+
+def _resume_estimator(run:dict, ck:dict):
+    "Load checkpoint `ck` into the run, after checking that it is an estimator run with the same settings."
+    out, state, new = run['cfg'].out, ck['state'], asdict(run['cfg'])
+    if state.get('kind') != 'estimator':
+        raise ConfigError(f"out={out!r} holds a run of another kind (not a noise-level estimator); "
+                          "allowed: an estimator run's folder, or a new --out")
+    diff = [k for k in new if k not in ESTIMATOR_RESUME_FREE and state['config'].get(k) != new[k]]
+    if diff:
+        changed = ', '.join(f"{k}: {state['config'].get(k)!r} != {new[k]!r}" for k in diff)
+        raise ConfigError(f"out={out!r} holds a run with other settings ({changed}); "
+                          "allowed: the same settings, or a new --out")
+    run['est'].load_state_dict(ck['model'])
+    run['step'] = state['step']
+
+def _estimator_checkpoint(run:dict):
+    "Write a checkpoint of the run: weights, optimizer, settings (rank 0; every process waits for it)."
+    cfg = run['cfg']
+    if run['rank'] == 0:
+        save_checkpoint(cfg.out, run['step'], run['est'], None, run['opt'], keep=cfg.keep_checkpoints,
+                        state={'kind': 'estimator', 'config': asdict(cfg), 'estimator': run['est'].config})
+    if run['world'] > 1: dist.barrier()
+
+# %% ../nbs/12_estimator.ipynb #e1a70009
+def _estimator_steps(run:dict)->str|None:
+    "Train from the run's step to `cfg.steps`; returns the signal's name if SIGTERM/SIGUSR1 stopped it (checkpointed)."
+    cfg, dev, start, stopped = run['cfg'], run['device'], run['step'], None
+    net = run['est'] if run['world'] == 1 else torch.nn.parallel.DistributedDataParallel(
+        run['est'], device_ids=[dev.index] if dev.type == 'cuda' else None)
+    bar = progress_bar(total=cfg.steps, initial=start, disable=run['rank'] != 0, desc='estimator')
+    with StopFlag() as flag:
+        t0 = time.perf_counter()
+        while run['step'] < cfg.steps:
+            # this process's rows of the step's batch, and one optimizer step on them
+            xt, b = estimator_batch(run['est'], run['ds'], run['path'], run['step'], cfg.batch_size, cfg.seed,
+                                    run['rank'], run['world'])
+            loss = estimator_step(net, run['opt'], run['sched'], xt.to(dev), b.to(dev))
+            run['step'] += 1; bar.update(1)
+            # a row of metrics.csv now and then (rank 0)
+            if run['rank'] == 0 and (run['step'] % cfg.log_every == 0 or run['step'] == cfg.steps):
+                _log(run, {'step': run['step'], 'loss': loss.item(), 'lr': run['sched'].get_last_lr()[0],
+                           'seconds': time.perf_counter() - t0})
+            # stop when any process got a signal; else a checkpoint every ckpt_every steps
+            if _agree(flag.signal is not None, run, dev): stopped = flag.signal or 'signal'; break
+            if run['step'] % cfg.ckpt_every == 0: _estimator_checkpoint(run)
+    bar.close()
+    # the last steps, or the stop, checkpointed too
+    if run['step'] != start and (run['step'] % cfg.ckpt_every or stopped): _estimator_checkpoint(run)
+    return stopped
+
+def run_estimator(cfg:EstimatorConfig|dict)->Path|None:
+    ("Train (or resume) g(t | x) in `cfg.out` and save it there with calibration.csv; returns that folder "
+     "(None after a stop by a signal, and on processes other than rank 0).")
+    cfg = check_estimator(cfg)
+    check_out_dir(cfg.out)                            # a folder that cannot be written: one line, before any work
+    with contextlib.ExitStack() as held:              # the run folder's lock, held to the end
+        run = _estimator_setup(cfg, held)
+        stopped = _estimator_steps(run)
+        if stopped and run['rank'] == 0:
+            print(f"received {stopped}: checkpointed at step {run['step']} in {cfg.out}; "
+                  "run the same command again to resume")
+        if stopped or run['rank'] != 0: return None
+        return _estimator_finish(run)
+
+def _estimator_finish(run:dict)->Path:
+    "Save the trained estimator into the run folder and write its calibration report beside it."
+    cfg, est = run['cfg'], run['est']
+    out = save_estimator(est, cfg.out)
+    calibration_report(est, run['ds'], cfg.path, cfg.t_bins, cfg.n_per_bin).to_csv(out / 'calibration.csv', index=False)
+    return out

@@ -21,7 +21,7 @@ from .samplers import SAMPLERS, run_sampler, start_state, time_grid
 from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, interp_log_posterior, get_guider,
                                   parse_spec)
 from .train import TrainConfig, train, training_report, load_trained
-from .estimator import build_estimator, train_estimator, save_estimator, load_estimator, calibration
+from .estimator import EstimatorConfig, run_estimator, load_estimator, forward_check
 from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table,
                                mixture_reference, dataset_reference, low_t_shift)
 from .metrics import (mixture_metrics, load_feature_extractor, extract_features, reference_features,
@@ -32,9 +32,9 @@ from .report import SHIFT_METHODS, write_report, _map_rows
 
 # %% auto #0
 __all__ = ['STUDY_DATASETS', 'FAMILIES', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'FULL_DIGITS', 'PRESETS',
-           'StudyConfig', 'stage_train', 'stage_estimator', 'forward_check', 'Method', 'method', 'build_method',
-           'study_methods', 'start_noise', 'Scorer', 'one_run', 'stage_evaluate', 'run_studies', 'write_timing',
-           'run_study', 'pool_studies', 'run_models']
+           'StudyConfig', 'stage_train', 'estimator_config', 'stage_estimator', 'Method', 'method', 'build_method',
+           'study_methods', 'start_noise', 'Scorer', 'sample_method', 'one_run', 'stage_evaluate', 'run_studies',
+           'write_timing', 'run_study', 'pool_studies', 'run_models']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -103,31 +103,15 @@ def stage_train(cfg:StudyConfig)->Path:
     training_report(out, t_bins=10, n_per_bin=128)
     return out
 
-def stage_estimator(cfg:StudyConfig)->Path:
-    ("Train g(t | x) on forward states of the dataset in out/estimator; "
-     "write its calibration against the exact posterior.")
-    out = Path(cfg.out) / 'estimator'
-    ds = get_dataset(cfg.dataset)
-    torch.manual_seed(cfg.seed)
-    est = build_estimator(ds.shape, bins=100)
-    train_estimator(est, ds, cfg.path, steps=cfg.estimator_steps, seed=cfg.seed)
-    save_estimator(est, out)
-    cal = (calibration(est, get_mixture(cfg.dataset), cfg.path, t_bins=10, n_per_bin=256) if cfg.dataset in MIXTURES
-           else forward_check(est, ds, cfg.path))
-    cal.to_csv(out / 'calibration.csv', index=False)
-    return out
+def estimator_config(cfg:StudyConfig)->EstimatorConfig:
+    "The study's estimator run: `nag-toolkit estimator` on its dataset and path, in out/estimator, on the CPU."
+    return EstimatorConfig(dataset=cfg.dataset, path=cfg.path, steps=cfg.estimator_steps, seed=cfg.seed,
+                           device='cpu', out=str(Path(cfg.out) / 'estimator'))
 
-@torch.no_grad()
-def forward_check(est, ds, path, t_bins:int=10, n_per_bin:int=256, seed:int=0)->pd.DataFrame:
-    ("Where no exact posterior exists: per t-bin, mean |E_g[t|x] - t| on forward states "
-     "(an upper bound on its error plus the posterior's own width).")
-    ref, g, rows = dataset_reference(ds, path, seed), torch.Generator().manual_seed(seed), []
-    for i in range(t_bins):
-        lo, hi = i / t_bins, (i + 1) / t_bins
-        t = lo + (hi - lo) * torch.rand(n_per_bin, generator=g)
-        rows.append({'t_lo': lo, 't_hi': hi, 'mean_abs_gap': (est.mean(ref(n_per_bin, t)) - t).abs().mean().item(),
-                     'kl': float('nan')})
-    return pd.DataFrame(rows)
+def stage_estimator(cfg:StudyConfig)->Path:
+    ("Train g(t | x) on forward states of the dataset in out/estimator with the code of `nag-toolkit estimator` "
+     "(resumable); write its calibration against the exact posterior (or the forward check) there.")
+    return run_estimator(estimator_config(cfg))
 
 # %% ../nbs/15_study.ipynb #644bb5e2
 @dataclass(frozen=True)
@@ -238,16 +222,21 @@ def _shift_boot(rec, post, ref, scorer, cache)->tuple:
     v, rv = low_t_shift(rec, post, ref, cache=cache)
     return v.mean().item() - rv.mean().item(), v[scorer.rows(len(v), 2)].mean(1) - rv[scorer.rows(len(rv), 3)].mean(1)
 
+def sample_method(cfg:StudyConfig, den, sampler:str, steps:int, x1, callback=None)->torch.Tensor:
+    ("Samples of a method's denoiser from the starting states `x1`: the grid `time_grid(steps)`, and on stochastic "
+     "steps the noise of generators seeded by (seed + 1, i), as `nag-toolkit sample` and the explorers draw it.")
+    gens = sample_generators(cfg.seed + 1, range(len(x1))) if SAMPLERS[sampler].stochastic else None
+    return run_sampler(sampler, den, x1.clone(), time_grid(steps), cfg.path, callback=callback, generators=gens)
+
 def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dict, scorer:Scorer)->tuple:
     "(row, shift rows, bootstrap values) of one (method, sampler, steps) run."
     # at most ~32 states per trajectory are read
     rec, keep = TrajectoryRecorder(stride=max(1, steps // 32)), cfg.n_shift
     cb = lambda d: rec({**d, 'x': d['x'][:keep]})
-    gens = sample_generators(cfg.seed + 1, range(len(x1))) if SAMPLERS[sampler].stochastic else None
     floor = _floor_sampler(scorer.floor(len(x1)), refs['floor']) if m.family == 'floor' else None
     t0 = time.perf_counter()
     if floor: x0 = floor(den, x1.clone(), time_grid(steps), cfg.path, callback=cb)
-    else: x0 = run_sampler(sampler, den, x1.clone(), time_grid(steps), cfg.path, callback=cb, generators=gens)
+    else: x0 = sample_method(cfg, den, sampler, steps, x1, callback=cb)
     secs = time.perf_counter() - t0
     key = {'method': m.name, 'family': m.family, 'w': m.w, 'sampler': sampler, 'steps': steps}
     shift_rows = []

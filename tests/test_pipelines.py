@@ -54,3 +54,28 @@ def test_papermill_trains_from_latent_shards(tmp_path):
     cfg = json.loads((tmp_path / 'run' / 'checkpoints' / 'step_00000003' / 'state.json').read_text())['config']
     assert (cfg['dataset'], cfg['dataset_options'], cfg['num_workers']) == ('latents', {'path': str(tmp_path / 'lat')}, 1)
     assert (tmp_path / 'run' / 'loss.png').exists()
+
+EST_NB = NB.parent / 'estimator.ipynb'
+
+def _papermill_estimator(out_nb, yaml_param):
+    args = [sys.executable, '-m', 'papermill', str(EST_NB), str(out_nb), '-k', 'nag-toolkit',
+            '--cwd', str(out_nb.parent), '-y', yaml_param]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+def test_estimator_pipeline_runs_run_estimator_alone_and_for_the_study(tmp_path):
+    """Alone, `options` picks the data (the digits: the convolutional backbone and the forward check); with `study`,
+    the estimator trains on the study's mixture into out/estimator and is calibrated against the exact posterior."""
+    import pandas as pd
+    alone, study = tmp_path / 'alone', tmp_path / 'study'
+    opts = (f"options: {{dataset: digits, steps: 3, batch_size: 16, bins: 10, channels: 8, t_bins: 2, n_per_bin: 8, "
+            f"out: '{alone}'}}")
+    r = _papermill_estimator(tmp_path / 'alone.ipynb', opts)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list(pd.read_csv(alone / 'calibration.csv').columns) == ['t_lo', 't_hi', 'mean_abs_gap', 'kl']
+    assert (alone / 'checkpoints' / 'step_00000003').is_dir()
+    r = _papermill_estimator(tmp_path / 'study.ipynb', f"study: {{out: '{study}', dataset: ring8, estimator_steps: 3}}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cal = pd.read_csv(study / 'estimator' / 'calibration.csv')
+    assert 'exact_mean_shift' in cal.columns and len(cal) == 10
+    st = json.loads((study / 'estimator' / 'checkpoints' / 'step_00000003' / 'state.json').read_text())
+    assert (st['kind'], st['config']['dataset'], st['config']['steps']) == ('estimator', 'ring8', 3)
