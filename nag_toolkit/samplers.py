@@ -15,7 +15,8 @@ from .interpolants import get_interpolant, respace
 # %% auto #0
 __all__ = ['GRID_KINDS', 'DDPM_VARIANCES', 'LAST_STEPS', 'SAMPLERS', 'time_grid', 'sde_grid', 'Denoised', 'call_denoiser',
            'sample_euler', 'sample_heun', 'sample_ddpm', 'sample_ddim', 'sample_euler_maruyama', 'sample_dpmpp_2m',
-           'sample_ode', 'SamplerSpec', 'sampler_options', 'run_sampler', 'start_state']
+           'sample_ode', 'SamplerSpec', 'sampler_options', 'run_sampler', 'start_state', 'SamplingDiverged',
+           'FiniteWatch']
 
 # %% ../nbs/04_samplers.ipynb #dc0e13bc
 GRID_KINDS = ('uniform', 'ddpm')
@@ -262,21 +263,28 @@ def sample_ode(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_a
                atol:float=1e-6, # absolute tolerance (SiT's default)
                rtol:float=1e-3): # relative tolerance (SiT's default)
     "The probability-flow ODE by torchdiffeq's `odeint` in SiT's time (SiT's `sample_ode`); callbacks get `nfe`."
-    from torchdiffeq import odeint
     path, extra_args, nfe = get_interpolant(path), extra_args or {}, [0]
     def f(tp, y):                                                                # dx/dt' = -v(x, 1 - t')
         nfe[0] += 1
         return -_velocity(call_denoiser(denoiser, y, 1 - tp, extra_args), y, 1 - tp, path)
     tp = (1 - torch.as_tensor(ts, dtype=torch.float64)).to(x.dtype).to(x.device)
-    try: xs = odeint(f, x, tp, method=method, atol=atol, rtol=rtol)
+    xs = _odeint(f, x, tp, method, atol, rtol)
+    for i in range(len(ts) - 1):
+        if callback: callback({'x': xs[i + 1], 'i': i, 't': ts[i], 't_next': ts[i + 1], 'nfe': nfe[0]})
+    return xs[-1]
+
+def _odeint(f, x, tp, method:str, atol:float, rtol:float):
+    "torchdiffeq's `odeint`; an unknown method, or a step size that fell to 0 (a non-finite state), on one line."
+    from torchdiffeq import odeint
+    try: return odeint(f, x, tp, method=method, atol=atol, rtol=rtol)
     except (ValueError, KeyError) as e:
         if method not in str(e): raise
         raise ConfigError(f"method={method!r} is not a torchdiffeq method; allowed: dopri5, bosh3, euler, ...") \
             from None
-        raise
-    for i in range(len(ts) - 1):
-        if callback: callback({'x': xs[i + 1], 'i': i, 't': ts[i], 't_next': ts[i + 1], 'nfe': nfe[0]})
-    return xs[-1]
+    except AssertionError as e:                               # an adaptive step shrinks to 0 on NaN or inf errors
+        if 'underflow in dt' not in str(e): raise
+        raise SamplingDiverged(f"the {method} solver's step size fell to 0 ({e}): a non-finite or exploding state") \
+            from None
 
 # %% ../nbs/04_samplers.ipynb #68e4c256
 class SamplerSpec(NamedTuple):
@@ -311,3 +319,33 @@ def start_state(eps:torch.Tensor, # standard normal noise, one row per sample
     "The starting state at time `t`: `sqrt(alpha^2 + sigma^2) * eps`, the marginal scale of unit-variance data."
     a, s = get_interpolant(path).coefs(torch.tensor(float(t), dtype=torch.float64))[:2]
     return eps * float((a * a + s * s).sqrt())
+
+# %% ../nbs/04_samplers.ipynb #9ee5eb21
+class SamplingDiverged(RuntimeError):
+    "A sampler's state became non-finite (NaN or inf); the one-line message names the step and its time."
+
+class FiniteWatch:
+    "A sampler callback that records on the device the first step whose state is non-finite; `check` reads it once."
+    def __init__(self, then=None): # another callback, called on every step after the watch (None: none)
+        self.then, self.first = then, None
+
+    def __call__(self, info:dict):
+        "Mark step `info['i']` if it is the first with a non-finite state (device operations only: no host read)."
+        x = info['x']
+        if self.first is None: self.first = torch.full((), -1, dtype=torch.long, device=x.device)  # -1: none yet
+        hit = (self.first < 0) & ~torch.isfinite(x).all()                       # non-finite now, and not before
+        self.first = torch.where(hit, info['i'], self.first)
+        if self.then is not None: self.then(info)
+
+    def first_bad(self)->int|None:
+        "The first step (0-based) whose state was non-finite, or None; reads one device value."
+        i = -1 if self.first is None else int(self.first)
+        return None if i < 0 else i
+
+    def check(self, ts, # the run's time grid
+              context:str=''): # appended to the message (e.g. " with guidance cfg:w=4")
+        "Raise `SamplingDiverged` if a step's state was non-finite: 'non-finite state at step k of n (t=...)'."
+        i = self.first_bad()
+        if i is None: return
+        t = float(ts[i + 1])                                                    # the time the state had reached
+        raise SamplingDiverged(f"non-finite state at step {i + 1} of {len(ts) - 1} (t={t:g}){context}")
