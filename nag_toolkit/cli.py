@@ -11,8 +11,8 @@ import yaml
 from .core import ConfigError, RunWarning, read_yaml_mapping, check_out_dir
 
 # %% auto #0
-__all__ = ['COMMANDS', 'train_options', 'parser', 'main', 'config_options', 'cmd_train', 'cmd_sample', 'study_options',
-           'cmd_study', 'cmd_findings', 'cmd_demo', 'cmd_sweep', 'cmd_latents', 'cmd_eval']
+__all__ = ['COMMANDS', 'train_options', 'parser', 'main', 'config_options', 'cmd_train', 'cmd_estimator', 'cmd_sample',
+           'study_options', 'cmd_study', 'cmd_findings', 'cmd_demo', 'cmd_sweep', 'cmd_latents', 'cmd_eval']
 
 # %% ../nbs/15c_cli.ipynb #cc961adb
 COMMANDS = {}   # name -> (run(args), add_flags(parser), one-line help); filled subcommand by subcommand below
@@ -45,12 +45,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     tqdm.write(f"warning: {message}", file=file or sys.stderr)
 
 # %% ../nbs/15c_cli.ipynb #7dca79e0
+_FLAG_HELP = {}   # flag help beyond the default, by field name (filled by each command)
+
 def _config_flags(p:argparse.ArgumentParser, cls, what:str, example:str):
-    "One flag per scalar field of the dataclass `cls`, plus --config and --set."
+    "One flag per scalar field of the dataclass `cls` (repeatable for a list field), plus --config and --set."
     p.add_argument('--config', help=f'a YAML file of {what} options')
     for f in fields(cls):
         if str(f.type).startswith('dict'): continue
-        p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, default=None, help=f"(default: {f.default!r})")
+        many = str(f.type).startswith('list')                        # a list field: the flag is repeatable
+        p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, default=None, action='append' if many else None,
+                       help=_FLAG_HELP.get(f.name, "(repeatable)" if many else f"(default: {f.default!r})"))
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help=f'a nested option, e.g. {example}')
 
 def config_options(args:argparse.Namespace)->dict:
@@ -82,10 +86,28 @@ def cmd_train(args):
 
 COMMANDS['train'] = (cmd_train, _train_flags, 'train a denoiser (resumes from --out when it holds a checkpoint)')
 
+# %% ../nbs/15c_cli.ipynb #e1a70102
+def _estimator_flags(p:argparse.ArgumentParser):
+    "Flags of `nag-toolkit estimator`: one per EstimatorConfig field (--dataset, --steps, --out, --bins, ...)."
+    from nag_toolkit.estimator import EstimatorConfig
+    _config_flags(p, EstimatorConfig, 'estimator', 'dataset_options.n=5000')
+
+def cmd_estimator(args):
+    "Train or resume g(t | x); prints where the estimator and its calibration report are."
+    from nag_toolkit.estimator import run_estimator
+    out = run_estimator(config_options(args))
+    if out: print(f"trained g(t | x) into {out} (estimator.safetensors, calibration.csv)")
+
+COMMANDS['estimator'] = (cmd_estimator, _estimator_flags,
+                         'train the noise-level estimator g(t | x) (resumes from --out)')
+
 # %% ../nbs/15c_cli.ipynb #283f5bf1
 def _sample_flags(p:argparse.ArgumentParser):
     "Flags of `nag-toolkit sample`: one per SampleConfig field (--checkpoint, --out, --num-samples, --w-nag, ...)."
     from nag_toolkit.sample import SampleConfig
+    from nag_toolkit.guidance import GUIDERS
+    _FLAG_HELP['guidance'] = (f"a guider, NAME or NAME:key=value,... (repeatable: they compose); NAME one of "
+                              f"{', '.join(GUIDERS)}; e.g. cb-nag:w=1,estimator=DIR, self-guidance:w=1,prev=true")
     _config_flags(p, SampleConfig, 'sampling', 'sampler_options.eta=0.5')
 
 def _print_shards(res:dict):
@@ -97,7 +119,10 @@ def _print_shards(res:dict):
 def cmd_sample(args):
     "Write sample shards from a checkpoint (this process's share under torchrun); prints what was done."
     from nag_toolkit.sample import sample_shards
-    _print_shards(sample_shards(config_options(args)))
+    from nag_toolkit.samplers import SamplingDiverged
+    try: res = sample_shards(config_options(args))
+    except SamplingDiverged as e: print(f"error: {e}", file=sys.stderr); sys.exit(1)    # one line, no traceback
+    _print_shards(res)
 
 COMMANDS['sample'] = (cmd_sample, _sample_flags,
                       'sample shards from a checkpoint (ADM .npz or PNG; resumes; torchrun splits the shards)')

@@ -157,7 +157,7 @@ def spec(self:Guider)->str:
     parts = []
     for k in self.options:
         v = getattr(self, k)
-        if isinstance(v, (int, float, bool, str)) and v != defaults[k].default:
+        if isinstance(v, (int, float, bool, str)) and (k == 'w' or v != defaults[k].default):   # w always
             parts.append(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}')
     return self.name + (':' + ','.join(parts) if parts else '')
 
@@ -429,12 +429,13 @@ class TimeShift(Guider):
         super().__init__(w, t_lo, t_hi)
         check_range('data_var', data_var, 0, lo_open=True); check_range('window', window, 0)
         check_range('n_candidates', n_candidates, 1)
-        self.data_var, self.window, self.cutoff, self.n = float(data_var), float(window), float(cutoff), n_candidates
+        self.data_var, self.window, self.cutoff = float(data_var), float(window), float(cutoff)
+        self.n_candidates = n_candidates
 
     def fed_time(self, x, t, mask=None):
         "The time each sample's state looks like, chosen among candidates near its scheduled t."
         v_hat = x.reshape(len(x), -1).pow(2).mean(1)                                  # |x|^2 / D
-        offs = torch.linspace(-self.window, self.window, self.n, dtype=t.dtype, device=t.device)
+        offs = torch.linspace(-self.window, self.window, self.n_candidates, dtype=t.dtype, device=t.device)
         cand = (t[:, None] + offs).clamp(1e-4, 1.0)                                   # [N, C]
         a, s = self._path.coefs(cand)[:2]
         best = cand[torch.arange(len(t)), (v_hat[:, None] - (a**2 * self.data_var + s**2)).abs().argmin(1)]

@@ -15,14 +15,15 @@ from .core import sample_generators, randn_per_sample
 from .core import check_out_dir, RunLock, progress, file_digest, digest_ok, fault_point, warn, _alive
 from .interpolants import get_interpolant
 from .samplers import GRID_KINDS, SAMPLERS, time_grid, sde_grid, sampler_options, run_sampler, start_state
-from .guidance import Denoiser, GuidedDenoiser
+from .samplers import FiniteWatch, SamplingDiverged
+from .guidance import Denoiser, GuidedDenoiser, get_guider
 from .train import load_trained, pick_device
 
 # %% auto #0
 __all__ = ['GRIDS', 'FORMATS', 'LAYOUTS', 'RESUME_FREE', 'SampleConfig', 'check_config', 'sampling_grid', 'sample_shape',
-           'load_job', 'draw_samples', 'decode_latents', 'to_uint8_nhwc', 'encode', 'shard_range', 'rank_shards',
-           'shard_path', 'shard_record', 'shard_state', 'shard_done', 'shard_count', 'write_npz', 'write_png',
-           'world_info', 'make_shard', 'sample_shards']
+           'guidance_specs', 'load_job', 'draw_samples', 'decode_latents', 'to_uint8_nhwc', 'encode', 'shard_range',
+           'rank_shards', 'shard_path', 'shard_record', 'shard_state', 'shard_done', 'shard_count', 'write_npz',
+           'write_png', 'world_info', 'make_shard', 'sample_shards']
 
 # %% ../nbs/16_sample.ipynb #eebeb9eb
 @dataclass
@@ -37,11 +38,13 @@ class SampleConfig:
     grid: str = 'auto'              # 'auto', 'uniform', 'ddpm' or 'sde' (see `sampling_grid`)
     t_max: float | None = None      # first time of the grid; None: 1, or 0.999 where the model gives no x0 at t = 1
     sampler_options: dict = field(default_factory=dict)  # passed to the sampler (eta, variance, last_step, ...)
-    w_cfg: float = 0.0              # class guidance weight (DiT's cfg_scale - 1)
-    w_nag: float = 0.0              # noise awareness guidance weight
-    t_lo: float | None = None       # guidance interval [t_lo, t_hi]; None ends: 0 and 1
+    # guiders of the registry, composed (`cb-nag:w=1,estimator=DIR`; a mapping in YAML): see `guidance.GUIDERS`
+    guidance: list = field(default_factory=list)
+    w_cfg: float = 0.0              # shorthand for `cfg:w=...` (DiT's cfg_scale - 1)
+    w_nag: float = 0.0              # shorthand for `cf-nag:w=...` (classifier-free noise awareness guidance)
+    t_lo: float | None = None       # the shorthands' window [t_lo, t_hi]; None ends: 0 and 1
     t_hi: float | None = None
-    cfg_channels: int | None = None # CFG on the first channels only (DiT/SiT: 3)
+    cfg_channels: int | None = None # the shorthand's CFG on the first channels only (DiT/SiT: 3)
     label: str = 'random'           # 'random' (from each sample's generator) or a class id
     seed: int = 0
     format: str = 'npz'             # 'npz' (ADM's evaluator layout) or 'png'
@@ -57,8 +60,9 @@ GRIDS, FORMATS = ('auto', *GRID_KINDS, 'sde'), ('npz', 'png')
 @patch(cls_method=True)
 def from_dict(cls:SampleConfig, d:dict)->SampleConfig:
     "A `SampleConfig` from a plain dict, types checked field by field (an int `label` is read as a class id)."
-    label = d.get('label')
+    label, guidance = d.get('label'), d.get('guidance')
     if isinstance(label, int) and not isinstance(label, bool): d = {**d, 'label': str(label)}
+    if isinstance(guidance, (str, dict)): d = {**d, 'guidance': [guidance]}        # one spec: a list of one
     return config_from_dict(cls, d, 'sampling option')
 
 # %% ../nbs/16_sample.ipynb #9264c652
@@ -75,6 +79,7 @@ def _check_values(cfg:SampleConfig):
     if (cfg.t_lo or 0.0) > (1.0 if cfg.t_hi is None else cfg.t_hi):
         raise ConfigError(f"t_lo={cfg.t_lo} > t_hi={cfg.t_hi}; allowed: t_lo <= t_hi")
     if cfg.cfg_channels is not None: check_range('cfg_channels', cfg.cfg_channels, 1)
+    for spec in cfg.guidance: get_guider(spec)                  # names and options, before the checkpoint is read
     check_range('vae_scale', cfg.vae_scale, 0, lo_open=True)
     if cfg.label != 'random' and not cfg.label.isdigit():
         raise ConfigError(f"label={cfg.label!r} is not allowed; allowed: 'random' or a class id (0, 1, ...)")
@@ -122,16 +127,23 @@ def _check_against(cfg:SampleConfig, num_classes:int, shape:tuple, kind:str):
     if cfg.w_cfg != 0 and not num_classes:
         raise ConfigError(f"w_cfg={cfg.w_cfg} needs a class-conditional model, and this checkpoint's is "
                           "unconditional; allowed: 0")
+    for g in (get_guider(s) for s in cfg.guidance):
+        if g.name == 'cfg' and g.on and not num_classes:
+            raise ConfigError(f"guidance {g.spec!r} needs a class-conditional model, and this checkpoint's is "
+                              "unconditional; allowed: cfg:w=0")
     if cfg.format == 'png' and (kind != 'image' or shape[0] not in (1, 3, 4)):
         raise ConfigError(f"format='png' cannot hold {kind} samples of shape {list(shape)}; allowed: 'npz'")
 
-def _denoiser(cfg:SampleConfig, model, path, pred:str):
-    "The network as the samplers' denoiser, guided when a weight is nonzero."
-    den = Denoiser(model, path, pred=pred)
-    if cfg.w_cfg == 0 and cfg.w_nag == 0: return den
-    no_interval = cfg.t_lo is None and cfg.t_hi is None
-    interval = None if no_interval else (cfg.t_lo or 0.0, 1.0 if cfg.t_hi is None else cfg.t_hi)
-    return GuidedDenoiser(den, w_cfg=cfg.w_cfg, w_nag=cfg.w_nag, interval=interval, cfg_channels=cfg.cfg_channels)
+def guidance_specs(cfg:SampleConfig)->list:
+    "The run's guider specs: `guidance`, then the shorthands `w_cfg` (cfg) and `w_nag` (cf-nag) in their window."
+    window = {k: v for k, v in (('t_lo', cfg.t_lo), ('t_hi', cfg.t_hi)) if v is not None}
+    channels = {} if cfg.cfg_channels is None else {'channels': cfg.cfg_channels}
+    short = [{'name': 'cfg', 'w': cfg.w_cfg, **window, **channels}, {'name': 'cf-nag', 'w': cfg.w_nag, **window}]
+    return list(cfg.guidance) + [s for s in short if s['w'] != 0]
+
+def _denoiser(cfg:SampleConfig, model, path, pred:str)->GuidedDenoiser:
+    "The network as the samplers' denoiser, guided through the registry (no guider on: the plain call, bit for bit)."
+    return GuidedDenoiser(Denoiser(model, path, pred=pred), [get_guider(s) for s in guidance_specs(cfg)])
 
 # %% ../nbs/16_sample.ipynb #60388827
 def load_job(cfg:SampleConfig)->dict:
@@ -147,11 +159,12 @@ def load_job(cfg:SampleConfig)->dict:
     if cfg.vae:
         from nag_toolkit.data import _load_vae
         vae = _load_vae(cfg.vae, device)
-    meta = {'config': {**asdict(cfg), 'checkpoint': str(Path(cfg.checkpoint).resolve())},
+    den = _denoiser(cfg, model, path, pred)                          # loads a guider's estimator or weak model
+    meta = {'config': {**asdict(cfg), 'checkpoint': str(Path(cfg.checkpoint).resolve())}, 'guidance': den.spec,
             'checkpoint_step': state['step'], 'path': path.name, 'pred': pred, 'shape': list(shape), 'kind': kind,
             'num_classes': model.num_classes,
             'layout': LAYOUTS[kind], 'sampler_options': opts, 'null_t_steps': getattr(model, 'null_t_steps', None)}
-    return {'cfg': cfg, 'device': device, 'model': model, 'denoiser': _denoiser(cfg, model, path, pred), 'path': path,
+    return {'cfg': cfg, 'device': device, 'model': model, 'denoiser': den, 'guidance': den.spec, 'path': path,
             'ts': ts, 'sampler_options': opts, 'shape': shape, 'kind': kind, 'num_classes': model.num_classes,
             'vae': vae, 'meta': meta}
 
@@ -166,14 +179,31 @@ def draw_samples(job:dict, indices)->tuple:
     "Samples (on the CPU, float32) and labels for the global sample indices `indices`; each from its own generator."
     cfg, nc, dev = job['cfg'], job['num_classes'], job['device']
     gens = sample_generators(cfg.seed, indices)
-    y = torch.cat([torch.randint(max(nc, 1), (1,), generator=g) for g in gens])           # 1. the label
+    x = start_state(randn_per_sample(job['shape'], gens), job['path'], float(job['ts'][0]))  # 1. the starting noise
+    y = torch.cat([torch.randint(max(nc, 1), (1,), generator=g) for g in gens])           # 2. the label, after it
     if cfg.label != 'random': y = torch.full_like(y, int(cfg.label))
-    x = start_state(randn_per_sample(job['shape'], gens), job['path'], float(job['ts'][0]))  # 2. the starting noise
     extra = {'y': y.to(dev)} if nc else {}
-    out = run_sampler(cfg.sampler, job['denoiser'], x.to(dev), job['ts'], job['path'], extra_args=extra,
-                      generators=gens, **job['sampler_options'])                # 3. the steps' noise, per sample
+    steps_gens = sample_generators(cfg.seed + 1, indices)     # 3. the steps' noise: a stream of its own per sample
+    out = _run_checked(job, x.to(dev), extra, steps_gens)     # ... and no NaN or inf
+    return out, (y if nc else torch.full_like(y, -1))
+
+def _guidance(job:dict)->str:
+    "The job's guidance as a short spec ('cf-nag:w=2', 'cfg:w=1.5 + cf-nag:w=2', 'none'): its own, else its weights."
+    if job.get('guidance'): return str(job['guidance'])
+    cfg = job['cfg']
+    return ' + '.join(f"{name}:w={w:g}" for name, w in (('cfg', cfg.w_cfg), ('cf-nag', cfg.w_nag)) if w != 0) or 'none'
+
+def _run_checked(job:dict, x, extra:dict, gens:list)->torch.Tensor:
+    "The sampler's output (decoded) on the host; `SamplingDiverged` naming the guidance if a state is non-finite."
+    cfg, watch, context = job['cfg'], FiniteWatch(), f" with guidance {_guidance(job)}"
+    try: out = run_sampler(cfg.sampler, job['denoiser'], x, job['ts'], job['path'], extra_args=extra, callback=watch,
+                           generators=gens, **job['sampler_options'])   # the watch: first bad step, on the device
+    except SamplingDiverged as e: raise SamplingDiverged(f"{e}{context}") from None   # an adaptive solver's own stop
     if job['vae'] is not None: out = decode_latents(out, job['vae'], cfg.vae_scale)
-    return out.float().cpu(), (y if nc else torch.full_like(y, -1))
+    out = out.float().cpu()
+    watch.check(job['ts'], context)                           # one read of the watch per batch, after the transfer
+    if not torch.isfinite(out).all(): raise SamplingDiverged(f"non-finite samples after decoding{context}")
+    return out
 
 def decode_latents(z:torch.Tensor, # latents [N, C, h, w] as the denoiser samples them (scaled)
                    vae, # an AutoencoderKL, or anything with `.decode(z).sample`
@@ -336,9 +366,16 @@ def _write_shards(job:dict, out:Path, rank:int, world:int)->dict:
         if state == 'damaged':
             warn(f"{dst} is damaged or truncated (its size or SHA-256 differs from {shard_record(dst).name}); "
                  "writing it again")
-        arr, labels = make_shard(job, idx)
+        arr, labels = _draw_shard(job, idx, k, out, len(done) + len(written))
         if cfg.format == 'npz': write_npz(dst, arr, labels)
         else: write_png(dst, arr, labels, idx.start)
         written.append(k)
     return {'out': str(out), 'n_shards': n_shards, 'written': written, 'skipped': done, 'rank': rank, 'world': world,
             'meta': job['meta']}
+
+def _draw_shard(job:dict, idx:range, k:int, out:Path, kept:int)->tuple:
+    "`make_shard`; a non-finite state stops the run, naming the shard not written and the `kept` finished ones."
+    try: return make_shard(job, idx)
+    except SamplingDiverged as e:                                   # nothing of shard k reached the disk
+        raise SamplingDiverged(f"{e} in shard {k}; no shard holding it was written; "
+                               f"{kept} finished shard(s) kept in {out}") from None

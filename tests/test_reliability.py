@@ -35,6 +35,7 @@ def _commands(tmp:Path, run:Path, out)->dict:
     grid = tmp / 'grid.yaml'
     grid.write_text(yaml.safe_dump({'notebook': str(TOY), 'grid': {'a': [1.0]}}))
     return {'train': ['train', '--out', out, *TRAIN, '--steps', '2'],
+            'estimator': ['estimator', '--out', out, '--dataset', 'ring8', '--steps', '2', '--batch-size', '8'],
             'sample': ['sample', '--checkpoint', run, '--out', out, '--num-samples', '2', '--steps', '2'],
             'study': ['study', '--quick', '--no-notebooks', '--out', out], 'sweep': ['sweep', grid, '--out', out],
             'findings': ['findings', tmp, '--out', Path(out) / 'findings.md'], 'demo': ['demo', '--out', out], 'latents': ['latents', '--out', out], 'eval': ['eval', '--samples', tmp, '--out', out]}
@@ -51,7 +52,7 @@ def test_findings_refuses_a_file_path_through_a_file(tmp_path, capsys):
                               "allowed: a folder that can be created and written\n")
 
 @pytest.mark.parametrize('case', ['through a file', 'a file'])
-@pytest.mark.parametrize('cmd', ['train', 'sample', 'study', 'sweep', 'demo', 'latents', 'eval'])
+@pytest.mark.parametrize('cmd', ['train', 'estimator', 'sample', 'study', 'sweep', 'demo', 'latents', 'eval'])
 def test_an_output_that_cannot_be_a_folder_is_one_line(cmd, case, run, tmp_path, capsys):
     f = tmp_path / 'FILE'; f.write_text('x')
     out = f / 'run' if case == 'through a file' else f

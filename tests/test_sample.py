@@ -1,5 +1,5 @@
 """Sampling shards: the ADM layout, independence of batch size and world size, resume, PNG, guidance, one-line errors, the CLI."""
-import os, subprocess, sys
+import os, re, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -153,3 +153,23 @@ def test_cli_sample(ref, run, tmp_path):
     assert bad.stderr.startswith("error: sampler='rk4' is not allowed") and not (tmp_path / 'bad').exists()
     missing = _cli('sample', '--checkpoint', str(tmp_path / 'nope'), '--out', str(tmp_path / 'bad'))
     assert missing.returncode == 2 and 'does not exist' in missing.stderr and missing.stderr.strip().count('\n') == 0
+
+def test_cli_non_finite_state_stops_on_one_line_and_keeps_finished_shards(mlp_run, tmp_path):
+    """`--w-nag 1e30` drives the state to NaN: exit 1, one `error:` line naming the step, t and the guidance, no
+    traceback, no shard holding a non-finite value, and the shards finished before (2 of 3 here) kept."""
+    sample_shards(_cfg(mlp_run, tmp_path / 'ok', num_samples=8))               # two finished float32 shards ...
+    out, finished = tmp_path / 's', [f'shard_00000{k}{e}' for k in (0, 1) for e in ('.npz', '.json')]
+    out.mkdir()
+    for f in finished: (out / f).write_bytes((tmp_path / 'ok' / f).read_bytes())  # ... in place before the run
+    before = {f: (out / f).read_bytes() for f in finished}
+    p = _cli('sample', '--checkpoint', str(mlp_run), '--out', str(out), '--num-samples', '11', '--shard-size', '4',
+             '--steps', '3', '--batch-size', '3', '--w-nag', '1e30')
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    lines = [s for s in re.split(r'[\r\n]', p.stderr) if s.strip() and not s.startswith('sample:')]  # no progress bar
+    assert len(lines) == 1 and p.stderr.endswith(lines[0] + '\n') and 'Traceback' not in p.stderr, p.stderr
+    want = (r"error: non-finite state at step [1-3] of 3 \(t=[0-9.e+-]+\) with guidance cf-nag:w=1e\+30 in shard 2; "
+            rf"no shard holding it was written; 2 finished shard\(s\) kept in {re.escape(str(out))}")
+    assert re.fullmatch(want, lines[0]), lines[0]
+    assert sorted(p.name for p in out.glob('shard_*')) == sorted(finished)     # shard 2 not written, nothing temporary
+    assert {f: (out / f).read_bytes() for f in finished} == before
+    assert all(np.isfinite(x).all() for x, _ in _npz(out).values())
