@@ -205,6 +205,7 @@ def test_callback_contract(f, path, opts):
 
 # The audit itself is nag_toolkit.perf's (the appendix, nbs/19_performance.ipynb, explains it).
 from nag_toolkit.perf import HostSyncAudit, sync_events as _audit
+from nag_toolkit.guidance import Denoiser, GuidedDenoiser, EpsScaling, Autoguidance, guide
 
 
 @pytest.mark.parametrize('name', ['euler', 'heun', 'ddim', 'ddpm', 'dpmpp_2m'])
@@ -212,7 +213,6 @@ def test_guided_sampling_loop_never_syncs_with_the_device(name):
     """A guided (CFG + NAG, no interval) sampling loop on a device makes no host reads and no blocking copies:
     the time grid lives on the host and each step's time is filled in on the device."""
     from nag_toolkit.models import build_model
-    from nag_toolkit.guidance import Denoiser, GuidedDenoiser
     from nag_toolkit import samplers
     path = 'ddpm' if name in ('ddim', 'ddpm') else 'linear'
     net = build_model('mlp', dim=4, width=16, depth=1, num_classes=3).eval().to('meta')
@@ -232,32 +232,40 @@ def test_the_audit_catches_a_read_and_a_blocking_copy():
         except Exception: pass         # meta tensors have no value to read; the attempt is what counts
     assert any('copy' in e for e in audit.events) and any('read' in e for e in audit.events), audit.events
 
-@pytest.mark.parametrize('wrapper', ['interval', 'eps_scaling', 'autoguidance'])
-def test_interval_and_peer_wrappers_never_sync_in_a_sampling_loop(wrapper):
-    """Guidance intervals and the peer fixes decide 'inside or not' from the step's time, which samplers pass as a
-    host number: still no read of a device tensor and no blocking copy in the loop (both inside and outside)."""
+WINDOWED = {  # guided denoisers with a window (t_lo = 0.2, t_hi = 0.6), from a function making a meta-device MLP
+    'interval': lambda mk: GuidedDenoiser(mk(16), w_cfg=1.0, w_nag=0.5, interval=(0.2, 0.6)),
+    'eps_scaling': lambda mk: GuidedDenoiser(mk(16), [EpsScaling(k=0.0, b=1.005, t_lo=0.2, t_hi=0.6)]),
+    'autoguidance': lambda mk: GuidedDenoiser(mk(16), [Autoguidance(0.5, weak=mk(8), t_lo=0.2, t_hi=0.6)]),
+    'time_shift': lambda mk: guide(mk(16), 'time-shift:data_var=0.5,t_lo=0.2,t_hi=0.6'),
+    'self_guidance': lambda mk: guide(mk(16), 'cfg', 'cf-nag:w=0.5', 'self-guidance:w=0.5,t_lo=0.2,t_hi=0.6'),
+    'sg_prev': lambda mk: guide(mk(16), 'self-guidance:w=0.5,prev=true,t_lo=0.2,t_hi=0.6'),
+}
+
+@pytest.mark.parametrize('wrapper', list(WINDOWED))
+def test_windowed_and_peer_guiders_never_sync_in_a_sampling_loop(wrapper):
+    """Guidance windows, the peer fixes and Self-Guidance (also SG-prev, which keeps the previous step's output)
+    decide 'on or off' from the step's time, which samplers pass as a host number: still no read of a device tensor
+    and no blocking copy in the loop (both inside and outside the window)."""
     from nag_toolkit.models import build_model
-    from nag_toolkit.guidance import Denoiser, GuidedDenoiser, EpsScaling, Autoguidance
-    from nag_toolkit.samplers import sample_euler, time_grid
     mk = lambda w: Denoiser(build_model('mlp', dim=4, width=w, depth=1, num_classes=3).eval().to('meta'), 'linear')
-    den = {'interval': lambda: GuidedDenoiser(mk(16), w_cfg=1.0, w_nag=0.5, interval=(0.2, 0.6)),
-           'eps_scaling': lambda: EpsScaling(mk(16), k=0.0, b=1.005, interval=(0.2, 0.6)),
-           'autoguidance': lambda: Autoguidance(mk(16), mk(8), w=0.5, interval=(0.2, 0.6))}[wrapper]()
+    den = WINDOWED[wrapper](mk)
     x, y = torch.empty(6, 4, device='meta'), torch.zeros(6, dtype=torch.long, device='meta')
     with torch.no_grad(): events = _audit(lambda: sample_euler(den, x, time_grid(8), 'linear', extra_args={'y': y}))
     assert events == [], events
 
-def test_interval_guidance_decided_on_the_host_equals_the_per_sample_masks():
+def test_windows_decided_on_the_host_equal_the_per_sample_masks():
     "A step time given as a host number and the same time stored per sample give the same guided estimate."
     from nag_toolkit.models import build_model
-    from nag_toolkit.guidance import Denoiser, GuidedDenoiser, EpsScaling
     torch.manual_seed(0)
     den = Denoiser(build_model('mlp', dim=4, width=16, depth=1, num_classes=3).eval(), 'linear')
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    for w in (GuidedDenoiser(den, w_cfg=1.0, w_nag=0.5, interval=(0.2, 0.6)), EpsScaling(den, k=0.1, b=1.0, interval=(0.2, 0.6))):
+    for g in (GuidedDenoiser(den, w_cfg=1.0, w_nag=0.5, interval=(0.2, 0.6)),
+              GuidedDenoiser(den, [EpsScaling(k=0.1, b=1.0, t_lo=0.2, t_hi=0.6)]),
+              guide(den, 'self-guidance:w=0.5,t_lo=0.2,t_hi=0.6')):
         for t in (0.1, 0.4, 0.9):
             with torch.no_grad():
-                torch.testing.assert_close(w(x, torch.tensor(t, dtype=torch.float64), y=y), w(x, torch.full((5,), t), y=y))
+                host, per_sample = g(x, torch.tensor(t, dtype=torch.float64), y=y), g(x, torch.full((5,), t), y=y)
+            torch.testing.assert_close(host, per_sample)
 
 def test_sample_ode_counts_evaluations_and_refuses_unknown_methods():
     """torchdiffeq's fixed-step Euler on the grid is sample_euler (one evaluation per step, in SiT's time); dopri5
