@@ -214,7 +214,8 @@ class GuidedDenoiser:
         if not isinstance(denoiser, Denoiser):
             raise ConfigError("denoiser must be a Denoiser (wrap the network with Denoiser(model, path))")
         lo, hi = interval if interval is not None else (0.0, 1.0)
-        short = [ClassifierFreeGuidance(w_cfg, lo, hi, cfg_channels), ClassifierFreeNAG(w_nag, lo, hi)]
+        short = [] if w_cfg == w_nag == 0 else [ClassifierFreeGuidance(w_cfg, lo, hi, cfg_channels),
+                                                ClassifierFreeNAG(w_nag, lo, hi)]          # (defined below)
         given = [g if isinstance(g, Guider) else get_guider(g) for g in guiders]     # specs: see `get_guider` below
         self.den, self.guiders = denoiser, given + [g for g in short if g.on]
         for g in self.guiders: g.bind(denoiser)
