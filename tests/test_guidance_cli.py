@@ -1,4 +1,4 @@
-"""Guidance is one layer: every guider of the registry from the command line, and the same samples from every entry point."""
+"""Guidance as one layer: every guider of the registry from the command line, one set of samples from every entry."""
 import os, subprocess, sys
 from pathlib import Path
 import numpy as np
@@ -15,7 +15,7 @@ def _cli(*args):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    "A tiny MLP on the 32-D mixture (null-t token trained), a weaker one (fewer steps) and an estimator, all by the CLI."
+    "A tiny MLP on the 32-D mixture (null-t token trained), a weaker one and an estimator, all made by the CLI."
     d = tmp_path_factory.mktemp('guidance')
     common = ['--dataset', 'gmm32', '--set', 'dataset_options.n=500', '--set', 'model_options.width=32',
               '--set', 'model_options.depth=1', '--batch-size', '32']
@@ -27,7 +27,8 @@ def runs(tmp_path_factory):
     return d
 
 SPECS = {'none': 'none', 'cfg': 'cfg', 'cf-nag': 'cf-nag', 'eps-scaling': 'eps-scaling', 'time-shift': 'time-shift',
-         'self-guidance': 'self-guidance', 'cb-nag': 'cb-nag:estimator={est}', 'autoguidance': 'autoguidance:weak={weak}'}
+         'self-guidance': 'self-guidance', 'cb-nag': 'cb-nag:estimator={est}',
+         'autoguidance': 'autoguidance:weak={weak}'}
 
 def _sample(runs, out, *guidance, sampler='euler', extra=()):
     "Shards of 6 samples from the good model with the given --guidance specs; arr_0 of all shards."
