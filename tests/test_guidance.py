@@ -381,14 +381,15 @@ def test_sg_prev_uses_the_previous_calls_output_and_no_extra_forward(sampler):
 
 # ---- the registry ----
 
-SPECS = ['cfg:w=1.5,t_lo=0.2,channels=3', 'cf-nag:w=0.25,t_hi=0.8', 'cb-nag:w=2', 'eps-scaling:k=0.1,b=1.01',
+SPECS = ['cfg:w=1.5,t_lo=0.2,channels=3', 'cf-nag:w=0.25,t_hi=0.8', 'cb-nag:w=2', 'eps-scaling:w=1,k=0.1,b=1.01',
          'time-shift:w=0.5,data_var=0.25,window=0.1,cutoff=0.2,n_candidates=11', 'autoguidance:w=0.5',
          'self-guidance:w=2,dt=0.1,prev=True', 'none']
 @pytest.mark.parametrize('spec', SPECS)
 def test_every_guider_round_trips_through_its_spec(spec):
-    "A guider's `spec` is the spec it was built from (defaults left out), as a string and as a mapping."
+    "A guider's `spec` is the spec it was built from (w always, other defaults left out), as a string and a mapping."
     name = spec.partition(':')[0]
-    assert get_guider(spec).name == name and get_guider(name).spec == name and get_guider({'name': name}).spec == name
+    bare = name if name == 'none' else f'{name}:w=1'                  # the default strength, shown
+    assert get_guider(spec).name == name and get_guider(name).spec == bare and get_guider({'name': name}).spec == bare
     assert get_guider(spec).spec == spec and get_guider(get_guider(spec).spec).spec == spec
 
 def test_spec_values_and_guiders_pass_through():

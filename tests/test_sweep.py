@@ -139,7 +139,7 @@ def test_a_guiders_option_is_a_grid_axis_of_the_fid_pipeline(tmp_path, capsys):
     sw = read_grid(grid, out=str(tmp_path / 'sweep'))
     specs = [r.params['guidance'] for r in expand(sw)]
     assert specs == [{'name': 'cf-nag', 'w': w} for w in (0.0, 0.5, 1.0, 2.0)]
-    assert [get_guider(s).spec for s in specs] == ['cf-nag:w=0', 'cf-nag:w=0.5', 'cf-nag', 'cf-nag:w=2']
+    assert [get_guider(s).spec for s in specs] == ['cf-nag:w=0', 'cf-nag:w=0.5', 'cf-nag:w=1', 'cf-nag:w=2']
     main(['sweep', str(grid), '--out', str(tmp_path / 'sweep'), '--dry-run'])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and 'guidance.w=0.5-' in lines[2]

@@ -265,7 +265,7 @@ def test_nag_through_an_untrained_null_t_token_is_refused_on_one_line(tmp_path):
     src = build_model('DiT-S/8', input_size=8, num_classes=10)
     torch.save({k: v for k, v in src.state_dict().items() if k != NULL_T_KEY}, tmp_path / 'w.pt')
     m = load_pretrained(tmp_path / 'w.pt').model
-    with pytest.raises(ConfigError, match='w_nag=2.0 needs a trained null-t token') as e:
+    with pytest.raises(ConfigError, match='cf-nag w=2 needs a trained null-t token') as e:
         GuidedDenoiser(Denoiser(m, 'ddpm'), w_nag=2.0)
     assert '\n' not in str(e.value) and 'p_drop 0.2' in str(e.value) and 'lr 1e-5' in str(e.value)
     GuidedDenoiser(Denoiser(m, 'ddpm'), w_cfg=1.5)                            # CFG needs no null-t token
