@@ -17,7 +17,7 @@ from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, time_grid, start_state
 from .samplers import run_sampler as _run_registered
 from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, GUIDERS, ClassifierFreeGuidance,
-                                  get_guider, parse_spec, interp_log_posterior)
+                                  get_guider, parse_spec, exact_log_posterior)
 from .shift import ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats
 from .shift import plot_posterior_heatmap, plot_shift_curves
 from .metrics import mixture_metrics
@@ -292,10 +292,9 @@ def guiders(self:NAGExplorer, method:str, w:float, w_cfg:float, interval)->list:
     ("The setting's guiders, built through the registry: the method at weight `w` and CFG, in the window; what a "
      "spec leaves open comes from the mixture (its exact p(t | x) for cb-nag, its mean square for time-shift).")
     lo, hi = interval or (0.0, 1.0)
-    grid = torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64)
-    log_g = lambda x, t: interp_log_posterior(torch.log_softmax(self.gm.log_prob_grid(x, grid, self.path), -1), grid, t)
     spec = {**parse_spec(method), 'w': w, 't_lo': lo, 't_hi': hi}
-    g = get_guider(spec, log_g=log_g, data_var=self.data.pow(2).mean().item(), weak=self.weak)
+    g = get_guider(spec, log_g=exact_log_posterior(self.gm, self.path), data_var=self.data.pow(2).mean().item(),
+                   weak=self.weak)
     return [g, ClassifierFreeGuidance(w_cfg, lo, hi)]
 
 @patch

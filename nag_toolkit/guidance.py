@@ -19,8 +19,8 @@ from .samplers import Denoised, call_denoiser
 # %% auto #0
 __all__ = ['COND', 'NULL_Y', 'NULL_T', 'GUIDERS', 'nag_mix', 'Denoiser', 't_marginal_prediction', 'MixtureModel', 'Branch',
            'Guider', 'in_interval', 'step_on', 'GuidedDenoiser', 'ClassifierFreeGuidance', 'ClassifierFreeNAG',
-           'interp_log_posterior', 'ClassifierNAG', 'EpsScaling', 'TimeShift', 'load_denoiser', 'Autoguidance',
-           'SelfGuidance', 'NoGuidance', 'parse_spec', 'get_guider', 'guide']
+           'interp_log_posterior', 'exact_log_posterior', 'ClassifierNAG', 'EpsScaling', 'TimeShift', 'load_denoiser',
+           'Autoguidance', 'SelfGuidance', 'NoGuidance', 'parse_spec', 'get_guider', 'guide']
 
 # %% ../nbs/06_guidance.ipynb #3f572604
 def nag_mix(cond, # the conditional output, f(c, t)
@@ -345,6 +345,13 @@ def interp_log_posterior(log_p, # log-probabilities over the grid, [N, G]
     rows = torch.arange(len(t), device=log_p.device)
     lo, hi = log_p[rows, j - 1], log_p[rows, j]
     return lo + u * (hi - lo)
+
+def exact_log_posterior(gm:GaussianMixture, path, # the mixture and the path
+                        grid=None): # the t grid (default 200 cell centres of [0, 1])
+    "`log_g(x, t)` of a mixture's exact `p(t | x)` on a grid, interpolated in t: classifier-based NAG's exact posterior."
+    grid = torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64) if grid is None else grid
+    path = get_interpolant(path)
+    return lambda x, t: interp_log_posterior(torch.log_softmax(gm.log_prob_grid(x, grid, path), -1), grid, t)
 
 # %% ../nbs/06_guidance.ipynb #6a1a796b
 def _device(den):

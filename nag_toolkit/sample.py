@@ -190,8 +190,7 @@ def draw_samples(job:dict, indices)->tuple:
 def _guidance(job:dict)->str:
     "The job's guidance as a short spec ('cf-nag:w=2', 'cfg:w=1.5 + cf-nag:w=2', 'none'): its own, else its weights."
     if job.get('guidance'): return str(job['guidance'])
-    cfg = job['cfg']
-    return ' + '.join(f"{name}:w={w:g}" for name, w in (('cfg', cfg.w_cfg), ('cf-nag', cfg.w_nag)) if w != 0) or 'none'
+    return ' + '.join(get_guider(s).spec for s in guidance_specs(job['cfg'])) or 'none'
 
 def _run_checked(job:dict, x, extra:dict, gens:list)->torch.Tensor:
     "The sampler's output (decoded) on the host; `SamplingDiverged` naming the guidance if a state is non-finite."

@@ -18,7 +18,7 @@ from .sweep import Sweep, EXECUTORS, expand, run_sweep, is_done
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, run_sampler, start_state, time_grid
-from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, interp_log_posterior, get_guider,
+from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, exact_log_posterior, get_guider,
                                   parse_spec)
 from .train import TrainConfig, train, training_report, load_trained
 from .estimator import EstimatorConfig, run_estimator, load_estimator, forward_check
@@ -143,17 +143,12 @@ def method(spec, # a guider spec (`cf-nag:w=0.5`, a mapping), or 'floor'
 # %% ../nbs/15_study.ipynb #42ade4a7
 def _exact_den(ctx): return Denoiser(MixtureModel(ctx.gm, ctx.path, pred='v'), ctx.path)
 
-def _exact_log_g(ctx):
-    "log p(t | x) of the mixture, exact on a grid and interpolated in t."
-    grid = torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64)
-    return lambda x, t: interp_log_posterior(torch.log_softmax(ctx.gm.log_prob_grid(x, grid, ctx.path), -1), grid, t)
-
 def build_method(m:Method, ctx)->GuidedDenoiser|None:
     "The samplers' denoiser of a method: its guider around the learned or exact denoiser (None for the floor)."
     if m.guidance is None: return None
     den = _exact_den(ctx) if m.exact else ctx.den
     # what a spec leaves open: the noise-level posterior, the data's scale, ADM-ES's b
-    posterior = {'log_g': _exact_log_g(ctx)} if m.exact else {'estimator': ctx.est}
+    posterior = {'log_g': exact_log_posterior(ctx.gm, ctx.path)} if m.exact else {'estimator': ctx.est}
     return GuidedDenoiser(den, [get_guider(m.guidance, **posterior, data_var=ctx.data_var, b=ctx.cfg.eps_b)])
 
 def study_methods(cfg:StudyConfig)->list:
