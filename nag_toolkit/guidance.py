@@ -18,9 +18,10 @@ from .samplers import Denoised, call_denoiser
 
 # %% auto #0
 __all__ = ['COND', 'NULL_Y', 'NULL_T', 'GUIDERS', 'nag_mix', 'Denoiser', 't_marginal_prediction', 'MixtureModel', 'Branch',
-           'Guider', 'in_interval', 'step_on', 'GuidedDenoiser', 'ClassifierFreeGuidance', 'ClassifierFreeNAG',
-           'interp_log_posterior', 'exact_log_posterior', 'ClassifierNAG', 'EpsScaling', 'TimeShift', 'load_denoiser',
-           'Autoguidance', 'SelfGuidance', 'NoGuidance', 'parse_spec', 'get_guider', 'guide']
+           'Guider', 'in_interval', 'step_on', 'GuidedDenoiser', 'network_rows', 'ClassifierFreeGuidance',
+           'ClassifierFreeNAG', 'interp_log_posterior', 'exact_log_posterior', 'ClassifierNAG', 'EpsScaling',
+           'TimeShift', 'load_denoiser', 'Autoguidance', 'SelfGuidance', 'exact_t_mean', 'NoiseLevelCorrection',
+           'NoiseUnconditional', 'NoGuidance', 'parse_spec', 'get_guider', 'guide']
 
 # %% ../nbs/06_guidance.ipynb #3f572604
 def nag_mix(cond, # the conditional output, f(c, t)
@@ -37,9 +38,11 @@ class Denoiser:
                  pred:str|None=None): # its native prediction; None: `model.pred`
         self.model, self.path = model, get_interpolant(path)
         self.pred = check_choice('pred', pred or getattr(model, 'pred', None), PRED_KINDS)
+        self.rows = 0                   # samples evaluated so far (see `network_rows`: NFE = rows / batch)
 
     def outputs(self, x, t, **extra):
         "The network's native prediction and its variance values (None without extra output channels), from one call."
+        self.rows += len(x)
         out, c = self.model(x, as_t(t, x), **extra), getattr(self.model, 'pred_channels', None)
         return (out, None) if c is None or out.shape[1] == c else (out[:, :c], out[:, c:])
 
@@ -224,6 +227,11 @@ class GuidedDenoiser:
     __call__ = _call
     @property
     def spec(self)->str: return ' + '.join(g.spec for g in self.guiders if g.on) or 'none'
+    @property
+    def rows(self)->int:
+        "Samples evaluated so far by the guided network and every guider's second network."
+        seconds = [g.network for g in self.guiders if isinstance(getattr(g, 'network', None), Denoiser)]
+        return self.den.rows + sum(d.rows for d in seconds)
     def __repr__(self): return f"GuidedDenoiser({self.spec!r})"
 
 # %% ../nbs/06_guidance.ipynb #15b3ac63
@@ -239,6 +247,8 @@ def denoise(self:GuidedDenoiser, x, t, **extra)->Denoised:
     # 2. the times fed to the network (a time-shifting guider moves them)
     t_in = t
     for g in live: t_in = g.fed_time(x, t_in, masks[g]) if hasattr(g, 'fed_time') else t_in
+    # ... and a guider that drops the noise level feeds the null-t token to every branch (the ablation)
+    for g in live: extra = g.fed_extra(x, extra, masks[g]) if hasattr(g, 'fed_extra') else extra
     # 3. one forward for the union of the branches
     names = list(dict.fromkeys([COND] + [b for g in live for b in g.branches()]))
     out, var = self._forward(x, t_in, names, extra)
@@ -307,6 +317,11 @@ def _branch_mask(self:GuidedDenoiser, key, names, n, device):
         cache[k] = torch.cat([torch.full((n,), getattr(b, key), dtype=torch.bool, device=device) for b in names])
     return cache[k]
 
+# %% ../nbs/06_guidance.ipynb #b83f091a
+def network_rows(den)->int:
+    "Samples evaluated so far by a denoiser's networks (`Denoiser.rows`, summed over a guided denoiser's); 0 if none."
+    return getattr(den, 'rows', 0)
+
 # %% ../nbs/06_guidance.ipynb #900ed59f
 class ClassifierFreeGuidance(Guider):
     "CFG: `w (f(c, t) - f(null_c, t))` added to the conditional output."
@@ -326,12 +341,14 @@ class ClassifierFreeNAG(Guider):
     name = 'cf-nag'
     def branches(self): return [NULL_T]
     def term(self, cond, out, ctx): return self.w * (cond - out[NULL_T])
-    def bind(self, den):
-        "Refuse a null-t token that was never trained."
-        if self.on and getattr(den.model, 'null_t_steps', None) == 0: raise ConfigError(
-            f"cf-nag w={self.w:g} needs a trained null-t token, and this network's was never trained (official "
-            "DiT/SiT weights have none); allowed: w=0, or fine-tune first with noise-condition dropout "
-            "(train with finetune_from, p_drop 0.2, lr 1e-5)")
+    def bind(self, den): _refuse_untrained_null_t(self, den)
+
+def _refuse_untrained_null_t(g:Guider, den):
+    "A one-line error where guider `g` is on and the network's null-t token was never trained."
+    if g.on and getattr(den.model, 'null_t_steps', None) == 0: raise ConfigError(
+        f"{g.name} w={g.w:g} needs a trained null-t token, and this network's was never trained (official "
+        "DiT/SiT weights have none); allowed: w=0, or fine-tune first with noise-condition dropout "
+        "(train with finetune_from, p_drop 0.2, lr 1e-5)")
 
 # %% ../nbs/06_guidance.ipynb #ab6aa1e2
 def interp_log_posterior(log_p, # log-probabilities over the grid, [N, G]
@@ -498,6 +515,60 @@ class SelfGuidance(Guider):
         neg = ctx.prev if self.prev else out[Branch(owner=self)]
         return None if neg is None else self.w * (cond - neg)
 
+# %% ../nbs/06_guidance.ipynb #0b89f1c5
+def exact_t_mean(gm:GaussianMixture, path, # the mixture and the path
+                 grid=None): # the t grid (default 200 cell centres of [0, 1])
+    "`t_hat(x) = E[t | x]` of a mixture's exact posterior on a grid (uniform prior): Noise Level Correction's estimate."
+    grid = torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64) if grid is None else grid
+    path = get_interpolant(path)
+    return lambda x: (torch.softmax(gm.log_prob_grid(x, grid, path), -1) @ grid.to(x.device)).to(x.dtype)
+
+class NoiseLevelCorrection(Guider):
+    "Noise Level Correction: the network is fed `t + w (t_hat(x) - t)`, with `t_hat` the posterior mean of t given x."
+    name = 'nlc'
+    options = {**Guider.options, 'estimator': (str, 'a folder written by nag-toolkit estimator')}
+    def __init__(self, w:float=1.0, t_lo:float=0.0, t_hi:float=1.0,
+                 estimator=None, # a folder written by `nag-toolkit estimator`, or an estimator (`mean`)
+                 t_mean=None): # or t_mean(x) -> [N] directly (the exact one: `exact_t_mean`)
+        super().__init__(w, t_lo, t_hi)
+        self.estimator, self.t_mean = estimator, t_mean
+
+    def bind(self, den):
+        "Load the estimator of a folder spec; refuse a guider with no posterior."
+        if isinstance(self.estimator, (str, Path)):
+            from nag_toolkit.estimator import load_estimator
+            self._est = load_estimator(self.estimator, _device(den))
+        elif self.estimator is not None: self._est = self.estimator
+        if self.on and self.estimator is None and self.t_mean is None: raise ConfigError(
+            "nlc needs a noise-level posterior; allowed: estimator=PATH (a folder written by nag-toolkit "
+            "estimator), or t_mean in Python")
+
+    def fed_time(self, x, t, mask=None):
+        "The corrected time of each sample where the guider is on, the scheduled one elsewhere."
+        # 1. the posterior mean of t given the state
+        if self.t_mean is not None: t_hat = self.t_mean(x)
+        else: t_hat = self._est.mean(x.to(self._est.edges.dtype))
+        t_hat = t_hat.to(t.dtype).clamp(1e-4, 1.0)
+        # 2. a step of size w from the scheduled time towards it
+        fed = t + self.w * (t_hat - t)
+        return fed if mask is None else torch.where(mask, fed, t)
+
+# %% ../nbs/06_guidance.ipynb #83ff6255
+class NoiseUnconditional(Guider):
+    "The noise-unconditional ablation: `f(x, null_t)` in place of `f(x, t)` (w = 1 on, w = 0 off)."
+    name = 'null-t'
+    def __init__(self, w:float=1.0, t_lo:float=0.0, t_hi:float=1.0):
+        super().__init__(w, t_lo, t_hi)
+        if self.w not in (0.0, 1.0):
+            raise ConfigError(f"w={w!r} is not allowed; allowed: 1 (f(x, null_t) alone) or 0 (off)")
+
+    def bind(self, den): _refuse_untrained_null_t(self, den)
+    def fed_extra(self, x, extra:dict, mask=None)->dict:
+        "The call's extra arguments with the null-t token on every sample where it is on (the caller's kept)."
+        drop = torch.ones(len(x), dtype=torch.bool, device=x.device) if mask is None else mask
+        user = extra.get('null_t')
+        return {**extra, 'null_t': drop if user is None else drop | user.bool()}
+
 # %% ../nbs/06_guidance.ipynb #c30ee3cd
 class NoGuidance(Guider):
     "No guidance: the unguided denoiser."
@@ -506,7 +577,7 @@ class NoGuidance(Guider):
     def __init__(self): super().__init__(0.0)
 
 GUIDERS = {c.name: c for c in (NoGuidance, ClassifierFreeGuidance, ClassifierFreeNAG, ClassifierNAG, EpsScaling,
-                                TimeShift, Autoguidance, SelfGuidance)}
+                                TimeShift, Autoguidance, SelfGuidance, NoiseLevelCorrection, NoiseUnconditional)}
 
 def parse_spec(spec:str)->dict:
     "A command-line spec `NAME:key=value,...` as a mapping `{'name': NAME, key: value}` (values read as YAML)."

@@ -15,8 +15,8 @@ from .interpolants import get_interpolant, respace
 # %% auto #0
 __all__ = ['GRID_KINDS', 'DDPM_VARIANCES', 'LAST_STEPS', 'SAMPLERS', 'time_grid', 'sde_grid', 'Denoised', 'call_denoiser',
            'sample_euler', 'sample_heun', 'sample_ddpm', 'sample_ddim', 'sample_euler_maruyama', 'sample_dpmpp_2m',
-           'sample_ode', 'SamplerSpec', 'sampler_options', 'run_sampler', 'start_state', 'SamplingDiverged',
-           'FiniteWatch']
+           'sample_ode', 'sample_restart', 'SamplerSpec', 'sampler_options', 'run_sampler', 'start_state',
+           'SamplingDiverged', 'FiniteWatch']
 
 # %% ../nbs/04_samplers.ipynb #dc0e13bc
 GRID_KINDS = ('uniform', 'ddpm')
@@ -286,6 +286,45 @@ def _odeint(f, x, tp, method:str, atol:float, rtol:float):
         raise SamplingDiverged(f"the {method} solver's step size fell to 0 ({e}): a non-finite or exploding state") \
             from None
 
+# %% ../nbs/04_samplers.ipynb #dd58a277
+@torch.no_grad()
+def sample_restart(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_args:dict|None=None,
+                   callback=None,
+                   generators:list|None=None, # one torch.Generator per sample (the restarts' noise)
+                   t_min:float=0.1, # restart from the main grid's interior point nearest t_min ...
+                   t_max:float=0.3, # ... to t_max (where t_max <= that point, no restart) ...
+                   restarts:int=2, # ... this many times ...
+                   restart_steps:int=2): # ... each with this many Euler steps back
+    "Restart sampling: Euler on the ODE, with `restarts` forward jumps from t_min to t_max and Euler passes back."
+    check_range('restarts', restarts, 0)
+    check_range('restart_steps', restart_steps, 1)
+    path, extra_args = get_interpolant(path), extra_args or {}
+    noise, n = _noise_stream(x, generators), len(ts) - 1
+    # the restart point: the interior grid point nearest t_min (none on a one-step grid)
+    j = 1 + int((ts[1:-1] - t_min).abs().argmin()) if n > 1 else None
+    on = j is not None and restarts > 0 and t_max > float(ts[j])
+    if on:
+        t_lo = float(ts[j])
+        sub = torch.linspace(t_max, t_lo, restart_steps + 1, dtype=torch.float64)   # each pass's grid
+        a_lo, s_lo = path.coefs(torch.tensor(t_lo, dtype=torch.float64))[:2]
+        a_hi, s_hi = path.coefs(torch.tensor(t_max, dtype=torch.float64))[:2]
+        ratio = float(a_hi / a_lo)
+        std = float((s_hi**2 - (ratio * s_lo)**2).clamp_min(0).sqrt())
+    for i in range(n):
+        if on and i == j:
+            for _ in range(restarts):
+                # 1. forward: x_{t_max} ~ q(x_{t_max} | x_{t_min})
+                x = ratio * x + std * noise()
+                # 2. back to t_min with Euler steps
+                for k in range(restart_steps):
+                    d = call_denoiser(denoiser, x, sub[k], extra_args)
+                    x = x + float(sub[k + 1] - sub[k]) * _velocity(d, x, sub[k], path)
+        # 3. the main pass's Euler step
+        d = call_denoiser(denoiser, x, ts[i], extra_args)
+        x = x + float(ts[i + 1] - ts[i]) * _velocity(d, x, ts[i], path)
+        if callback: callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **_info(d)})
+    return x
+
 # %% ../nbs/04_samplers.ipynb #68e4c256
 class SamplerSpec(NamedTuple):
     "A registered sampler: the function, whether it takes `generators`, and its natural grid."
@@ -297,7 +336,8 @@ SAMPLERS = {'euler': SamplerSpec(sample_euler, False, 'uniform'), 'heun': Sample
             'ddpm': SamplerSpec(sample_ddpm, True, 'ddpm'), 'ddim': SamplerSpec(sample_ddim, True, 'uniform'),
             'euler_maruyama': SamplerSpec(sample_euler_maruyama, True, 'sde'),
             'dpmpp_2m': SamplerSpec(sample_dpmpp_2m, False, 'uniform'),
-            'ode': SamplerSpec(sample_ode, False, 'uniform')}
+            'ode': SamplerSpec(sample_ode, False, 'uniform'),
+            'restart': SamplerSpec(sample_restart, True, 'uniform')}
 _SHARED_ARGS = {'denoiser', 'x', 'ts', 'path', 'extra_args', 'callback', 'generators'}
 
 def sampler_options(name:str)->list:

@@ -9,6 +9,7 @@ from nag_toolkit.analytic import GaussianMixture
 from nag_toolkit.data import get_mixture
 from nag_toolkit.models import build_model
 from nag_toolkit.samplers import sample_euler, sample_heun, time_grid
+from nag_toolkit.guidance import network_rows
 from nag_toolkit.guidance import (nag_mix, Denoiser, GuidedDenoiser, ClassifierFreeGuidance, ClassifierFreeNAG,
                                   ClassifierNAG, EpsScaling, TimeShift, Autoguidance, SelfGuidance, GUIDERS,
                                   get_guider, guide, MixtureModel, t_marginal_prediction, interp_log_posterior,
@@ -383,7 +384,7 @@ def test_sg_prev_uses_the_previous_calls_output_and_no_extra_forward(sampler):
 
 SPECS = ['cfg:w=1.5,t_lo=0.2,channels=3', 'cf-nag:w=0.25,t_hi=0.8', 'cb-nag:w=2', 'eps-scaling:w=1,k=0.1,b=1.01',
          'time-shift:w=0.5,data_var=0.25,window=0.1,cutoff=0.2,n_candidates=11', 'autoguidance:w=0.5',
-         'self-guidance:w=2,dt=0.1,prev=True', 'none']
+         'self-guidance:w=2,dt=0.1,prev=True', 'nlc:w=0.5,t_lo=0.1', 'null-t:w=1,t_hi=0.9', 'none']
 @pytest.mark.parametrize('spec', SPECS)
 def test_every_guider_round_trips_through_its_spec(spec):
     "A guider's `spec` is the spec it was built from (w always, other defaults left out), as a string and a mapping."
@@ -394,7 +395,7 @@ def test_every_guider_round_trips_through_its_spec(spec):
 
 def test_spec_values_and_guiders_pass_through():
     assert set(GUIDERS) == {'none', 'cfg', 'cf-nag', 'cb-nag', 'eps-scaling', 'time-shift', 'autoguidance',
-                            'self-guidance'}
+                            'self-guidance', 'nlc', 'null-t'}
     assert get_guider({'name': 'self-guidance', 'w': 2, 'prev': 'true'}).prev is True
     assert get_guider('cf-nag:w=1e30').w == 1e30                      # YAML reads 1e30 as a string
     g = SelfGuidance(0.5)
@@ -454,3 +455,39 @@ def test_variance_values_reach_the_record_and_come_from_the_conditional_branch()
     torch.manual_seed(0); a = run('learned')
     torch.manual_seed(0); b = run('beta_tilde')
     assert torch.isfinite(a).all() and not torch.allclose(a, b)
+
+# ---- the peers on NAG's axis: Noise Level Correction, the noise-unconditional ablation, the counts ----
+
+def test_nlc_with_an_estimator_feeds_its_posterior_mean():
+    "NLC reads a learned estimator's posterior mean (`mean`); w = 0 is the unguided call, bit for bit."
+    from nag_toolkit.estimator import build_estimator
+    gm = get_mixture('gmm32')
+    den = Denoiser(MixtureModel(gm, 'linear', pred='v'), 'linear')
+    est = build_estimator((32,), bins=20, width=16, depth=1).eval()
+    x = gm.sample_xt(16, 0.3, 'linear', generator=torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        t_hat = est.mean(x).double().clamp(1e-4, 1.0)
+        got = GuidedDenoiser(den, [get_guider('nlc', estimator=est)])(x.double(), 0.3)
+        assert torch.allclose(got, den(x.double(), t_hat), atol=1e-9)
+        assert torch.equal(GuidedDenoiser(den, [get_guider('nlc:w=0', estimator=est)])(x, 0.3), den(x, 0.3))
+
+def test_the_ablation_refuses_an_untrained_null_token():
+    "Like cf-NAG, the ablation needs a trained null-t token: a one-line error naming the guider."
+    class Untrained(torch.nn.Module):
+        pred, null_t_steps = 'v', 0
+        def forward(self, x, t, **kw): return x
+    with pytest.raises(ConfigError, match="null-t w=1 needs a trained null-t token"):
+        GuidedDenoiser(Denoiser(Untrained(), 'linear'), ['null-t'])
+
+def test_nfe_counts_through_a_sampler():
+    "Euler at 8 steps: 8 evaluations per sample unguided, 16 with cf-NAG, 24 with CFG + cf-NAG, 8 with SG-prev."
+    gm = get_mixture('ring8')
+    den = Denoiser(MixtureModel(gm, 'linear', pred='v'), 'linear')
+    x1 = torch.randn(6, gm.D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(6, dtype=torch.long)
+    for specs, want in (([], 8), (['cf-nag'], 16), (['cfg', 'cf-nag'], 24), (['self-guidance:prev=true'], 8),
+                        (['null-t'], 8)):
+        gd = GuidedDenoiser(den, specs)
+        before = network_rows(gd)
+        sample_euler(gd, x1, time_grid(8), 'linear', extra_args={'y': y})
+        assert (network_rows(gd) - before) / len(x1) == want, specs

@@ -5,6 +5,8 @@ import pytest, torch
 from nag_toolkit.core import ConfigError, sample_generators, randn_per_sample
 from nag_toolkit.interpolants import get_interpolant, respace
 from nag_toolkit.analytic import GaussianMixture
+from nag_toolkit.data import get_mixture
+from nag_toolkit.samplers import run_sampler
 from nag_toolkit.samplers import (time_grid, sde_grid, sample_euler, sample_heun, sample_ddpm, sample_ddim,
                                   sample_euler_maruyama, sample_dpmpp_2m, sample_ode, Denoised)
 
@@ -280,3 +282,33 @@ def test_sample_ode_counts_evaluations_and_refuses_unknown_methods():
     sample_ode(den, x, time_grid(4, t_max=0.999), 'linear', callback=seen.append)
     assert len(seen) == 4 and seen[-1]['nfe'] > 6 and len({d['nfe'] for d in seen}) == 1
     with pytest.raises(ConfigError, match="method='lms' is not a torchdiffeq method"): sample_ode(den, x, ts, method='lms')
+
+# ---- Restart sampling ----
+
+def test_restart_counts_its_evaluations_and_is_euler_without_restarts():
+    "8 main steps + 2 restarts x 3 steps = 14 calls; restarts=0 (or t_max below the restart point) is Euler exactly."
+    from nag_toolkit.samplers import sample_restart
+    from nag_toolkit.core import sample_generators
+    gm = get_mixture('gmm32')
+    den = lambda x, t: gm.denoise(x, t, 'linear')
+    calls = []
+    counted = lambda x, t: calls.append(1) or den(x, t)
+    x1 = torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gens = sample_generators(0, range(32))
+    a = run_sampler('restart', counted, x1, time_grid(8), 'linear', generators=gens, restarts=2, restart_steps=3)
+    assert len(calls) == 8 + 2 * 3 and torch.isfinite(a).all()
+    euler = sample_euler(den, x1, time_grid(8), 'linear')
+    assert torch.equal(sample_restart(den, x1, time_grid(8), 'linear', restarts=0), euler)
+    assert torch.equal(sample_restart(den, x1, time_grid(8), 'linear', t_min=0.5, t_max=0.2), euler)
+    with pytest.raises(ConfigError, match='restart_steps=0 is out of range'):
+        sample_restart(den, x1, time_grid(8), 'linear', restart_steps=0)
+
+def test_restart_noise_is_per_sample():
+    "Sample i's restart noise comes from generator i: the first 4 samples of a batch of 8 equal a batch of 4."
+    from nag_toolkit.core import sample_generators
+    gm = get_mixture('ring8')
+    den = lambda x, t: gm.denoise(x, t, 'linear')
+    x1 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    big = run_sampler('restart', den, x1, time_grid(6), 'linear', generators=sample_generators(4, range(8)))
+    small = run_sampler('restart', den, x1[:4], time_grid(6), 'linear', generators=sample_generators(4, range(4)))
+    assert torch.allclose(big[:4], small, atol=1e-12)
