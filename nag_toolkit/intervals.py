@@ -11,7 +11,7 @@ from .metrics import _flat, _f64, _sqdist, median_bandwidth, mixture_moments
 # %% auto #0
 __all__ = ['METRIC_RANGES', 'MIXTURE_BOOT', 'IMAGE_BOOT', 'boot_indices', 'interval', 'paired_delta', 'mmd_boot', 'sw2_boot',
            'boot_stats', 'frechet_batch', 'fd_boot', 'mixture_boot', 'prc_indicators', 'kid_boot', 'isc_boot',
-           'image_boot', 'pool_seeds', 'add_intervals']
+           'image_boot', 'pool_seeds', 'add_intervals', 'add_paired']
 
 # %% ../nbs/14a_intervals.ipynb #85702a41
 def boot_indices(n:int, # how many items are resampled
@@ -188,3 +188,23 @@ def add_intervals(res:pd.DataFrame, # one row per run, with the point estimates
         cols.update(zip(names, map(list, zip(*rows)))); order.append((m, names))
     out, extra = pd.concat([res, pd.DataFrame(cols)], axis=1), dict(order)
     return out[[c for col in res.columns for c in [col] + extra.get(col, [])]]
+
+# %% ../nbs/14a_intervals.ipynb #8ae21a73
+def add_paired(res:pd.DataFrame, # one row per run, with its interval columns (`add_intervals`)
+               boots:list, # per row, {metric: bootstrap values [B]}
+               base_rows:list, # per row, the index of the row it is compared with (None: none)
+               prefix:str, # the new columns' prefix, e.g. 'nfe_delta_'
+               level:float=0.95)->pd.DataFrame:
+    "`res` with `prefix + m`, its `_lo` and `_hi` after each bootstrapped metric m's columns: the paired difference."
+    res = res.reset_index(drop=True)
+    nan = [float('nan')] * 3
+    out = res.copy()
+    for m in (boots[0] if boots else {}):
+        rows = [paired_delta(res.at[i, m], boots[i][m], res.at[j, m], boots[j][m], level) if j is not None else nan
+                for i, j in enumerate(base_rows)]
+        names = [f'{prefix}{m}', f'{prefix}{m}_lo', f'{prefix}{m}_hi']
+        out = out.drop(columns=[c for c in names if c in out])
+        after = next((c for c in (f'delta_{m}_hi', f'{m}_hi', m) if c in out), None)
+        at = list(out.columns).index(after) + 1 if after is not None else len(out.columns)
+        for k, (name, col) in enumerate(zip(names, map(list, zip(*rows)))): out.insert(at + k, name, col)
+    return out

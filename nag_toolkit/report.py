@@ -13,10 +13,10 @@ from .shift import plot_posterior_heatmap, plot_shift_curves, fit_error_scale, p
 
 # %% auto #0
 __all__ = ['SHIFT_METHODS', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER', 'SAMPLER_NAMES', 'GUIDED', 'SIDES', 'MAP_GRID_METHODS',
-           'fig_shift_vs_steps', 'fig_heatmaps', 'fig_shift_curves', 'fig_samplers', 'fig_metrics_vs_w',
-           'fig_statement1', 'verdict', 'fmt', 'headline', 'md_table', 'claim', 'findings', 'findings_md',
+           'NAG_FAMILIES', 'fig_shift_vs_steps', 'fig_heatmaps', 'fig_shift_curves', 'fig_samplers', 'fig_metrics_vs_w',
+           'fig_statement1', 'verdict', 'fmt', 'sweep_rows', 'headline', 'md_table', 'claim', 'findings', 'findings_md',
            'fig_sample_grid', 'write_report', 'fig_where_nag_helps', 'map_findings', 'map_conclusions',
-           'map_sample_grids', 'collect_findings']
+           'map_sample_grids', 'pareto_front', 'pareto_conclusions', 'fig_pareto', 'collect_findings']
 
 # %% ../nbs/15a_report.ipynb #e2498ebe
 # the methods whose shift is read at every step count, up to 250 (`study_methods` names)
@@ -117,8 +117,13 @@ def fmt(v:float, lo:float, hi:float, sign:str='')->str:
     "A value and its interval, three significant digits: '0.123 [0.101, 0.14]'."
     return f'{v:{sign}.3g} [{lo:{sign}.3g}, {hi:{sign}.3g}]'
 
+def sweep_rows(res:pd.DataFrame)->pd.DataFrame:
+    "The sweep's runs: without the unguided runs made only for the equal-NFE comparisons (`purpose` 'equal-nfe')."
+    return res[res.purpose != 'equal-nfe'] if 'purpose' in res else res
+
 def _cell(res:pd.DataFrame, sampler:str, steps:int)->pd.DataFrame:
     "The runs of one sampler and step count (the full sample size), one row per method, the floor first."
+    res = sweep_rows(res)
     d = res[(res.sampler == sampler) & (res.steps == steps)
             & (res.n_samples == res.n_samples.max())].set_index('method')
     return d.loc[sorted(d.index, key=lambda m: m != 'floor')]
@@ -131,9 +136,15 @@ def headline(res:pd.DataFrame, sampler:str='euler', steps:int|None=None, deltas:
     if not deltas:
         return pd.DataFrame({c: [fmt(*r) for r in d[[c, f'{c}_lo', f'{c}_hi']].values] for c in cols}, index=d.index)
     dd = d.drop(index='none')
-    return pd.DataFrame({c: [f'{fmt(*r, sign="+")} {verdict(c, *r[1:])}'
-                             for r in dd[[f'delta_{c}', f'delta_{c}_lo', f'delta_{c}_hi']].values]
-                         for c in cols}, index=dd.index)
+    out = pd.DataFrame({c: [f'{fmt(*r, sign="+")} {verdict(c, *r[1:])}'
+                            for r in dd[[f'delta_{c}', f'delta_{c}_lo', f'delta_{c}_hi']].values]
+                        for c in cols}, index=dd.index)
+    main = cols[0]
+    if f'nfe_delta_{main}' in dd:              # the main metric against no guidance at equal NFE
+        out[f'{main} at equal NFE'] = [
+            'n/a' if r[0] != r[0] else f'{fmt(*r[:3], sign="+")} {verdict(main, *r[1:3])} (NFE {r[3]:g} vs {r[4]:g})'
+            for r in dd[[f'nfe_delta_{main}', f'nfe_delta_{main}_lo', f'nfe_delta_{main}_hi', 'nfe', 'nfe_base']].values]
+    return out
 
 def md_table(df:pd.DataFrame)->str:
     "A Markdown table (no extra dependency)."
@@ -160,6 +171,15 @@ def claim(res:pd.DataFrame, method:str, sampler:str, steps:int, metric:str)->dic
                     else _floor_verdict(c['delta_lo'], c['delta_hi']))
     c['text'] = (f"{metric} {fmt(c['base'], c['base_lo'], c['base_hi'])} -> {fmt(c['value'], c['lo'], c['hi'])}, "
                  f"difference {fmt(c['delta'], c['delta_lo'], c['delta_hi'], '+')}: {c['verdict']}")
+    if f'nfe_delta_{metric}' in r and r[f'nfe_delta_{metric}'] == r[f'nfe_delta_{metric}']:
+        # at equal compute: against no guidance run with as many network evaluations
+        e = [float(r[f'nfe_delta_{metric}{s}']) for s in ('', '_lo', '_hi')]
+        c.update(nfe=float(r.nfe), nfe_base=float(r.nfe_base), nfe_delta=e[0], nfe_delta_lo=e[1], nfe_delta_hi=e[2],
+                 nfe_verdict=verdict(metric, *e[1:]))
+        # said in the text for the main metric, where it is a comparison of its own (the method costs more)
+        if c['nfe_base'] != float(b.nfe) and metric in ('fd', 'fid'):
+            c['text'] += (f"; at equal NFE ({c['nfe']:g} vs {c['nfe_base']:g}) "
+                          f"{fmt(*e, '+')}: {c['nfe_verdict']}")
     return c
 
 def _floor_verdict(lo:float, hi:float)->str:
@@ -171,6 +191,7 @@ GUIDED = ('cf-NAG', 'cb-NAG', 'exact cf-NAG', 'exact cb-NAG', 'eps scaling', 'ti
 
 def _cells(res:pd.DataFrame)->list:
     "(sampler, steps) of every cell at the full sample size, fewest steps first."
+    res = sweep_rows(res)
     d = res[res.n_samples == res.n_samples.max()][['sampler', 'steps']].drop_duplicates()
     return sorted(((s, int(k)) for s, k in d.values), key=lambda c: (c[1], c[0]))
 
@@ -185,7 +206,8 @@ def _groups(res:pd.DataFrame)->list:
     groups = [('floor', s, k, True) for s, k in cells if k == low]
     others = [f for f in res.family.unique() if f not in (*GUIDED, 'floor', 'none', 'exact')]   # more guiders
     for fam in (*GUIDED, *others):
-        if (m := _pick(res, fam)): groups += [(m, s, k, k == low and not fam.startswith('exact')) for s, k in cells]
+        if (m := _pick(res, fam)): groups += [(m, s, k, k == low and not fam.startswith('exact')) for s, k in cells
+                                              if m in _cell(res, s, k).index]       # Restart: Euler's cells only
     return groups
 
 def findings(res:pd.DataFrame)->list:
@@ -229,6 +251,7 @@ def _figures(cfg, res, sh, ev)->tuple:
     figs['shift_curves.png'] = fig_shift_curves(sh, k0)
     figs['ode_vs_sde.png'] = fig_samplers(sh, k0)
     figs['metrics_vs_w.png'] = fig_metrics_vs_w(res)
+    figs['pareto.png'] = fig_pareto(res, 'fd' if 'fd' in res else 'fid')
     figs['statement1.png'], s_e = fig_statement1(sh, cfg.path, k0)
     if ev is not None: figs['posterior_heatmaps.png'] = fig_heatmaps(ev['heat'], sh, k0)
     grids = torch.load(Path(cfg.out) / 'boots.pt', weights_only=True)['grids'] if cfg.dataset not in MIXTURES else {}
@@ -252,8 +275,9 @@ def write_report(cfg, # the study's options (a `StudyConfig`)
     cal = pd.read_csv(out / 'estimator' / 'calibration.csv')
     gap_csv = out / 'denoiser' / 'oracle_gap.csv'
     gap = pd.read_csv(gap_csv) if gap_csv.exists() else None
-    (out / 'summary.md').write_text(_summary_md(cfg, groups, tables, figs, s_e, cal, gap))
-    (out / 'summary.html').write_text(_summary_html(cfg, groups, tables, figs, s_e, cal, gap))
+    front = pareto_conclusions(res, 'fd' if 'fd' in res else 'fid')
+    (out / 'summary.md').write_text(_summary_md(cfg, groups, tables, figs, s_e, cal, gap, front))
+    (out / 'summary.html').write_text(_summary_html(cfg, groups, tables, figs, s_e, cal, gap, front))
     return out / 'summary.md'
 
 # %% ../nbs/15a_report.ipynb #f1141669
@@ -299,10 +323,11 @@ def _intro(cfg, gap)->str:
                                                                    k=cfg.sw2_proj) + ' '
             + _HOW.format(lvl=cfg.level, b=cfg.n_boot, seeds=seeds))
 
-def _summary_md(cfg, groups, tables, figs, s_e, cal, gap)->str:
+def _summary_md(cfg, groups, tables, figs, s_e, cal, gap, front)->str:
     "The one-page Markdown summary: the findings first (generated from results.csv), then the tables and figures."
     parts = [f"# Noise-shift study: {cfg.dataset}", '', _intro(cfg, gap), '', '## Findings', '',
-             findings_md(groups, cfg.dataset), '']
+             findings_md(groups, cfg.dataset), '', '## Quality against compute', '', '![pareto](pareto.png)', '',
+             *[f'- {s}' for s in front], '']
     for title, (t, d) in tables.items():
         parts += [f'## {title}', '', md_table(t), '', 'Paired differences against no guidance:', '', md_table(d), '']
     parts += ['## Figures', ''] + [f'![{n}]({n})' for n in figs] + [''] + _notes(cfg, s_e, cal, gap)
@@ -311,11 +336,12 @@ def _summary_md(cfg, groups, tables, figs, s_e, cal, gap)->str:
               '`notebooks/` (the executed pipelines).']
     return '\n'.join(parts) + '\n'
 
-def _summary_html(cfg, groups, tables, figs, s_e, cal, gap)->str:
+def _summary_html(cfg, groups, tables, figs, s_e, cal, gap, front)->str:
     "The one-page HTML summary."
     items = ''.join(f'<li>{l[2:]}</li>' for l in findings_md(groups, cfg.dataset).splitlines())
     body = [f"<h1>Noise-shift study: {cfg.dataset}</h1>", f"<p>{_intro(cfg, gap)}</p>", '<h2>Findings</h2>',
-            f'<ul>{items}</ul>']
+            f'<ul>{items}</ul>', '<h2>Quality against compute</h2>', '<img src="pareto.png" style="max-width:100%">',
+            '<ul>' + ''.join(f'<li>{s}</li>' for s in front) + '</ul>']
     for title, (t, d) in tables.items():
         body += [f'<h2>{title}</h2>', t.to_html(), '<p>Paired differences against no guidance:</p>', d.to_html()]
     body += ['<h2>Figures</h2>'] + [f'<img src="{n}" style="max-width:100%"><br>' for n in figs]
@@ -328,14 +354,15 @@ def _map_rows(res:pd.DataFrame, model:str)->pd.DataFrame:
     ("The guided runs of one model at the full sample size, with the weight 0 (no guidance) row of each cell; "
      "`floor_m` beside every metric m is the floor's value in the same cell (fresh true samples, same size).")
     full = res[res.n_samples == res.n_samples.max()]
-    ms = [c[:-3] for c in res.columns if c.endswith('_lo') and not c.startswith('delta_')]
+    ms = [c[:-3] for c in res.columns if c.endswith('_lo') and not c.startswith(('delta_', 'nfe_delta_'))]
     floor = full[full.family == 'floor'][['sampler', 'steps', *ms]].rename(columns={m: f'floor_{m}' for m in ms})
-    d = full[full.family.isin(['none', 'cf-NAG', 'cb-NAG'])]
+    d = full[(full.family != 'floor') & ~full.family.str.startswith('exact')]    # every learned method, the peers too
     return d.merge(floor, on=['sampler', 'steps'], how='left').assign(model=model)
 
 def fig_where_nag_helps(m:pd.DataFrame, metric:str='fd'):
     ("The paired change of `metric` against w, one panel per (model, family) and one line per (sampler, steps), "
      "with intervals: the colour is the step count (light = many), the line style and marker the sampler.")
+    m = sweep_rows(m)
     keys, n = [(mo, fa) for mo in m.model.unique() for fa in ('cf-NAG', 'cb-NAG')], m.model.nunique()
     steps, samplers = sorted(m.steps.unique()), list(dict.fromkeys(m.sampler))
     colour = dict(zip(steps, plt.cm.viridis([i / max(1, len(steps) - 1) * 0.9 for i in range(len(steps))])))
@@ -353,12 +380,19 @@ def fig_where_nag_helps(m:pd.DataFrame, metric:str='fd'):
 def map_findings(m:pd.DataFrame, metric:str='fd')->pd.DataFrame:
     ("Per model, family, sampler and steps: the weights where NAG is better, worse or no different on `metric` "
      "(from the intervals).")
-    d = m[m.family != 'none'].assign(verdict=lambda d: [
-        verdict(metric, lo, hi) for lo, hi in zip(d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'])])
-    ws = lambda v: lambda x: ', '.join(f'{w:g}' for w in x[x.verdict == v].w) or '-'
+    d = sweep_rows(m)[lambda d: d.family != 'none']
+    d = d.assign(verdict=[verdict(metric, lo, hi) for lo, hi in zip(d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi'])])
+    if f'nfe_delta_{metric}' in d:           # the same at equal NFE
+        d['nfe_verdict'] = [verdict(metric, lo, hi) for lo, hi in zip(d[f'nfe_delta_{metric}_lo'],
+                                                                      d[f'nfe_delta_{metric}_hi'])]
+    ws = lambda v, col='verdict': lambda x: ', '.join(f'{w:g}' for w in x[x[col] == v].w) or '-'
     g = d.groupby(['model', 'family', 'sampler', 'steps'])
-    return pd.DataFrame({'better at w': g.apply(ws('better')), 'worse at w': g.apply(ws('worse')),
-                         'no difference at w': g.apply(ws('no difference'))}).reset_index()
+    out = {'better at w': g.apply(ws('better')), 'worse at w': g.apply(ws('worse')),
+           'no difference at w': g.apply(ws('no difference'))}
+    if 'nfe_verdict' in d:
+        out |= {'equal NFE: better at w': g.apply(ws('better', 'nfe_verdict')),
+                'equal NFE: worse at w': g.apply(ws('worse', 'nfe_verdict'))}
+    return pd.DataFrame(out).reset_index()
 
 SIDES = {'fd': ('coverage_tv', 'nll_gap'), 'fid': ('precision', 'recall')}   # the two sides of each main metric
 
@@ -368,11 +402,16 @@ def map_conclusions(m:pd.DataFrame, metric:str='fd')->list:
     ("Generated sentences, one per model and family: in how many cells (sampler x steps x w) NAG lowers or raises "
      "`metric` (intervals excluding 0), where it lowers it, and its largest drop with the two sides' changes.")
     out = []
-    for (mo, fa), d in m[m.family != 'none'].groupby(['model', 'family'], sort=False):
+    for (mo, fa), d in sweep_rows(m)[lambda d: d.family != 'none'].groupby(['model', 'family'], sort=False):
         lo, hi = d[f'delta_{metric}_lo'], d[f'delta_{metric}_hi']
         down, up = d[hi < 0], d[lo > 0]
         s = (f"**{fa}, {mo}**: {metric} lower in {len(down)} of {len(d)} cells (sampler x steps x w), "
              f"higher in {len(up)}, no difference in {len(d) - len(down) - len(up)}.")
+        if f'nfe_delta_{metric}' in d:       # the same cells at equal NFE
+            e = d[d[f'nfe_delta_{metric}'].notna()]
+            lo, hi = e[f'nfe_delta_{metric}_lo'], e[f'nfe_delta_{metric}_hi']
+            s += (f" At equal NFE: lower in {(hi < 0).sum()} of {len(e)}, higher in {(lo > 0).sum()}, "
+                  f"no difference in {len(e) - (hi < 0).sum() - (lo > 0).sum()}.")
         if len(down):
             where = '; '.join(f"{SAMPLER_NAMES.get(sa, sa)} at {_values(b.steps)} steps (w {_values(b.w)})"
                               for sa, b in down.groupby('sampler'))
@@ -397,6 +436,63 @@ def map_sample_grids(cfg, # the study's options (a `StudyConfig` with `models`)
              for k, x in torch.load(Path(o) / 'boots.pt', weights_only=True)['grids'].items()}
     rows = [f'{n} steps: {m}' for n in cfg.models for m in MAP_GRID_METHODS]
     return {(s, k): fig_sample_grid(grids, rows, s, k) for s in cfg.samplers for k in cfg.steps}
+
+# %% ../nbs/15a_report.ipynb #9c694dc9
+NAG_FAMILIES = ('cf-NAG', 'cb-NAG')
+
+def _pareto_points(res:pd.DataFrame)->pd.DataFrame:
+    "The learned methods' runs at the full sample size (no floor, no exact oracle), with a `model` column."
+    d = res[(res.n_samples == res.n_samples.max()) & (res.family != 'floor') & ~res.family.str.startswith('exact')]
+    return d if 'model' in d else d.assign(model='')
+
+def _drawn(d:pd.DataFrame)->list:
+    "The methods drawn: no guidance, then one per family (w = 1, else its first weight)."
+    return ['none'] + [m for f in d.family.unique() if f != 'none' and (m := _pick(d, f))]
+
+def pareto_front(res:pd.DataFrame, metric:str='fd')->pd.DataFrame:
+    "The runs no other run of the same model and sampler beats on `metric` with no more NFE (point estimates)."
+    d, keep = _pareto_points(res), []
+    for _, g in d.groupby(['model', 'sampler'], sort=False):
+        v = g[metric] * BETTER.get(metric, -1)                     # higher is better
+        for i in g.index:
+            beaten = (g.nfe <= g.nfe[i]) & (v >= v[i]) & ((g.nfe < g.nfe[i]) | (v > v[i]))
+            if not beaten.any(): keep.append(i)
+    return d.loc[keep].sort_values(['model', 'sampler', 'nfe'])
+
+def pareto_conclusions(res:pd.DataFrame, metric:str='fd')->list:
+    "One generated sentence per model and sampler: which methods hold the front, and whether NAG is on it."
+    out = []
+    for (mo, sa), f in pareto_front(res, metric).groupby(['model', 'sampler'], sort=False):
+        held = '; '.join(f"{m} at NFE {_values(g.nfe)}" for m, g in f.groupby('method', sort=False))
+        nag = f[f.family.isin(NAG_FAMILIES)]
+        who = f"**{SAMPLER_NAMES.get(sa, sa)}{', ' + mo if mo else ''}**"
+        out.append(f"{who}: the front (lowest {metric} for its NFE) holds {held}. "
+                   + (f"NAG is on it at NFE {_values(nag.nfe)}." if len(nag) else "NAG is not on it."))
+    return out
+
+def fig_pareto(res:pd.DataFrame, metric:str='fd'):
+    ("`metric` against NFE, one panel per sampler, one line per method (colour) and model (line style) across the "
+     "step counts, with intervals; the front's runs ringed.")
+    d = _pareto_points(res)
+    samplers, models, methods = list(dict.fromkeys(d.sampler)), list(dict.fromkeys(d.model)), _drawn(d)
+    colour = dict(zip(methods, plt.cm.tab10(range(len(methods)))))
+    front = pareto_front(res, metric)
+    fig, axs = plt.subplots(1, len(samplers), figsize=(4.6 * len(samplers), 3.8), squeeze=False)
+    for ax, s in zip(axs[0], samplers):
+        for mo, ls in zip(models, ['-', '--', ':', '-.'] * 4):
+            for m in methods:
+                g = d[(d.sampler == s) & (d.model == mo) & (d.method == m)].sort_values('nfe')
+                if not len(g): continue
+                y = g[metric]
+                ax.errorbar(g.nfe, y, yerr=[y - g[f'{metric}_lo'], g[f'{metric}_hi'] - y], ls=ls, marker='o', ms=3,
+                            capsize=2, color=colour[m], label=f'{m}{", " + mo if mo else ""}')
+        f = front[front.sampler == s]
+        ax.scatter(f.nfe, f[metric], s=70, facecolors='none', edgecolors='k', lw=0.8, zorder=3)
+        ax.set(xscale='log', xlabel='NFE (network evaluations per sample)', ylabel=metric,
+               title=f'{SAMPLER_NAMES.get(s, s)}: {metric} against compute')
+    axs[0, 0].legend(fontsize=6, ncol=1 + len(models) // 2)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/15a_report.ipynb #6fd98e02
 def collect_findings(folders:list)->str:

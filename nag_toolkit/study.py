@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_study.ipynb #f1fd08ec
 from __future__ import annotations
-import dataclasses, json, os, shutil, time
+import dataclasses, json, math, os, shutil, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,23 +18,24 @@ from .sweep import Sweep, EXECUTORS, expand, run_sweep, is_done
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, run_sampler, start_state, time_grid
-from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, exact_log_posterior, get_guider,
-                                  parse_spec)
+from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, exact_log_posterior, exact_t_mean,
+                                  get_guider, parse_spec, network_rows)
 from .train import TrainConfig, train, training_report, load_trained
 from .estimator import EstimatorConfig, run_estimator, load_estimator, forward_check
 from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table,
                                mixture_reference, dataset_reference, low_t_shift)
 from .metrics import (mixture_metrics, load_feature_extractor, extract_features, reference_features,
                                  metric_layers, as_images, _feature_metrics)
-from .intervals import boot_indices, mixture_boot, image_boot, add_intervals, pool_seeds
+from .intervals import boot_indices, mixture_boot, image_boot, add_intervals, add_paired, pool_seeds
 from .report import *        # the figures, tables and findings (chapter 15a), re-exported here
 from .report import SHIFT_METHODS, write_report, _map_rows
 
 # %% auto #0
-__all__ = ['STUDY_DATASETS', 'FAMILIES', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL', 'FULL_DIGITS', 'PRESETS',
-           'StudyConfig', 'stage_train', 'estimator_config', 'stage_estimator', 'Method', 'method', 'build_method',
-           'study_methods', 'start_noise', 'Scorer', 'sample_method', 'one_run', 'stage_evaluate', 'run_studies',
-           'write_timing', 'run_study', 'pool_studies', 'run_models']
+__all__ = ['STUDY_DATASETS', 'FAMILIES', 'OWN_SAMPLERS', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL',
+           'FULL_DIGITS', 'PRESETS', 'StudyConfig', 'stage_train', 'estimator_config', 'stage_estimator', 'Method',
+           'method', 'build_method', 'study_methods', 'start_noise', 'Scorer', 'sample_method', 'one_run',
+           'steps_for_nfe', 'equal_nfe_jobs', 'add_equal_nfe', 'stage_evaluate', 'run_studies', 'write_timing',
+           'run_study', 'pool_studies', 'run_models']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -58,6 +59,8 @@ class StudyConfig:
     w_nag: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     w_cb: list = field(default_factory=lambda: [0.5, 1.0])               # classifier-based NAG weights
     baselines: bool = True          # run epsilon scaling and the time-shift sampler too
+    # run the peers on NAG's axis too: Self-Guidance, SG-prev, Noise Level Correction, Restart, f(x, null_t) alone
+    peers: bool = True
     # more guiders of the registry, each a spec (`self-guidance:w=1`, `autoguidance:w=1,weak=RUN`): see `method`
     guidance: list = field(default_factory=list)
     exact: bool = True              # on a mixture, run the exact score and the exact NAGs too
@@ -122,10 +125,13 @@ class Method:
     w: float
     guidance: str|dict|None = 'none'    # a guider spec (see `get_guider`); None: the floor (fresh true samples)
     exact: bool = False                 # around the mixture's exact denoiser instead of the learned one
+    sampler: str|None = None            # its own sampler (Restart), run in the cells of the sampler it builds on
 
 # the tables' names of the registry's guiders (the others keep their registry name)
 FAMILIES = {'none': 'none', 'cf-nag': 'cf-NAG', 'cb-nag': 'cb-NAG', 'eps-scaling': 'eps scaling',
-            'time-shift': 'time shift'}
+            'time-shift': 'time shift', 'self-guidance': 'Self-Guidance', 'nlc': 'NLC', 'null-t': 'null-t only'}
+# the methods with a sampler of their own, and the cell sampler whose steps they take (Restart: Euler's)
+OWN_SAMPLERS = {'restart': 'euler'}
 
 def _fmt(v)->str: return f'{v:g}' if isinstance(v, float) else str(v)
 
@@ -134,6 +140,7 @@ def method(spec, # a guider spec (`cf-nag:w=0.5`, a mapping), or 'floor'
            exact:bool=False)->Method: # around the mixture's exact denoiser
     "The `Method` of a guider spec, named as in the tables."
     if spec == 'floor': return Method('floor', 'floor', 0.0, None)
+    if spec in OWN_SAMPLERS: return Method(name or spec, spec, 0.0, 'none', exact, sampler=spec)
     g, given = get_guider(spec), (dict(spec) if isinstance(spec, dict) else parse_spec(spec))
     family = 'SG-prev' if getattr(g, 'prev', False) else FAMILIES.get(g.name, g.name)
     if exact: family = 'exact' if g.name == 'none' else f'exact {family}'
@@ -148,18 +155,21 @@ def build_method(m:Method, ctx)->GuidedDenoiser|None:
     if m.guidance is None: return None
     den = _exact_den(ctx) if m.exact else ctx.den
     # what a spec leaves open: the noise-level posterior, the data's scale, ADM-ES's b
-    posterior = {'log_g': exact_log_posterior(ctx.gm, ctx.path)} if m.exact else {'estimator': ctx.est}
+    if m.exact: posterior = {'log_g': exact_log_posterior(ctx.gm, ctx.path), 't_mean': exact_t_mean(ctx.gm, ctx.path)}
+    else: posterior = {'estimator': ctx.est}
     return GuidedDenoiser(den, [get_guider(m.guidance, **posterior, data_var=ctx.data_var, b=ctx.cfg.eps_b)])
 
 def study_methods(cfg:StudyConfig)->list:
     ("Every method of the sweep, in table order: the exact ones (mixtures), the floor, no guidance, "
-     "the baselines, the NAGs, then `cfg.guidance`.")
+     "the baselines, the NAGs, the peers, then `cfg.guidance`.")
     exact = [method('none', 'exact score', exact=True), method('cf-nag:w=1', exact=True),
              method('cb-nag:w=1', exact=True)]
     base = [method('eps-scaling'), method('time-shift')] if cfg.baselines else []
+    peers = [method('self-guidance:w=1'), method('self-guidance:w=1,prev=true'), method('nlc'), method('restart'),
+             method('null-t')]
     return ((exact if cfg.dataset in MIXTURES and cfg.exact else []) + [method('floor'), method('none')] + base
             + [method(f'cb-nag:w={w:g}') for w in cfg.w_cb] + [method(f'cf-nag:w={w:g}') for w in cfg.w_nag]
-            + [method(s) for s in cfg.guidance])
+            + (peers if cfg.peers else []) + [method(s) for s in cfg.guidance])
 
 def start_noise(cfg:StudyConfig, n:int, shape)->torch.Tensor:
     "The shared starting states at t = 1: one generator per sample, seeded by (seed, index)."
@@ -229,10 +239,11 @@ def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dic
     rec, keep = TrajectoryRecorder(stride=max(1, steps // 32)), cfg.n_shift
     cb = lambda d: rec({**d, 'x': d['x'][:keep]})
     floor = _floor_sampler(scorer.floor(len(x1)), refs['floor']) if m.family == 'floor' else None
-    t0 = time.perf_counter()
+    # the compute: wall time and network evaluations per sample (NFE)
+    t0, rows0 = time.perf_counter(), network_rows(den)
     if floor: x0 = floor(den, x1.clone(), time_grid(steps), cfg.path, callback=cb)
-    else: x0 = sample_method(cfg, den, sampler, steps, x1, callback=cb)
-    secs = time.perf_counter() - t0
+    else: x0 = sample_method(cfg, den, m.sampler or sampler, steps, x1, callback=cb)
+    secs, nfe = time.perf_counter() - t0, (network_rows(den) - rows0) / len(x1)
     key = {'method': m.name, 'family': m.family, 'w': m.w, 'sampler': sampler, 'steps': steps}
     shift_rows = []
     for pname, post in posts.items():
@@ -244,8 +255,42 @@ def one_run(cfg, m:Method, den, sampler:str, steps:int, x1, posts:dict, refs:dic
     point, boots = scorer.measure(x0)
     boots['excess_shift_low_t'] = (b := _shift_boot(rec, posts[pname], refs[pname], scorer, refs['_stats']))[1]
     row = {**key, **point, 'excess_shift': shift_rows[0].excess_shift.mean(), 'excess_shift_low_t': b[0],
-           'seconds': secs}
+           'nfe': nfe, 'seconds': secs}
     return row, pd.concat(shift_rows), boots, x0
+
+# %% ../nbs/15_study.ipynb #b798277c
+def steps_for_nfe(sampler:str, nfe:float)->int|None:
+    "The fewest steps of `sampler`, unguided, that make at least `nfe` evaluations; None for the adaptive one."
+    if sampler == 'ode': return None
+    # Heun: two evaluations per step, one on the last (it ends at t = 0); the others one per step
+    if sampler == 'heun': return max(1, math.ceil((nfe + 1) / 2 - 1e-9))
+    return max(1, math.ceil(nfe - 1e-9))
+
+def _compared(res:pd.DataFrame)->pd.Series:
+    "The rows compared with no guidance at equal NFE: every guided run of the sweep at the full sample size."
+    return (res.method != 'none') & (res.family != 'floor') & (res.n_samples == res.n_samples.max())
+
+def equal_nfe_jobs(res:pd.DataFrame)->list:
+    "(sampler, steps, n) of the unguided runs the equal-NFE comparisons need and the sweep did not make."
+    have = {(r.sampler, int(r.steps), int(r.n_samples)) for r in res[res.method == 'none'].itertuples()}
+    need = []
+    for r in res[_compared(res)].itertuples():
+        k = steps_for_nfe(r.sampler, r.nfe)
+        job = (r.sampler, k, int(r.n_samples))
+        if k is not None and job not in have and job not in need: need.append(job)
+    return need
+
+def add_equal_nfe(res:pd.DataFrame, boots:list, level:float=0.95)->pd.DataFrame:
+    "`res` with `nfe_base` and, after each metric m's columns, `nfe_delta_m` and its interval."
+    res = res.reset_index(drop=True)
+    none, base = res[res.method == 'none'], []
+    for i in range(len(res)):
+        r = res.loc[i]
+        cand = none[(none.sampler == r.sampler) & (none.n_samples == r.n_samples) & (none.nfe >= r.nfe - 1e-9)]
+        base.append(int(cand.nfe.idxmin()) if _compared(res)[i] and len(cand) else None)
+    res.insert(list(res.columns).index('nfe') + 1, 'nfe_base',
+               [res.nfe[j] if j is not None else float('nan') for j in base])
+    return add_paired(res, boots, base, 'nfe_delta_', level)
 
 # %% ../nbs/15_study.ipynb #3a6fc335
 CELL = ['sampler', 'steps', 'n_samples']   # runs of one cell start from the same noise: their differences are paired
@@ -259,10 +304,12 @@ def _cached_reference(reference):
         return cache[key]
     return ref
 
-def _jobs(cfg:StudyConfig, names)->list:
-    ("(method, sampler, steps, n) of every run: the sweep, then the shift against steps "
-     "(only the states read for the shift).")
-    jobs = [(n, s, k, cfg.n_samples) for s in cfg.samplers for k in cfg.steps for n in names]
+def _jobs(cfg:StudyConfig, methods:dict)->list:
+    ("(method, sampler, steps, n) of every run: the sweep (a method with its own sampler in the cells of the one "
+     "it builds on), then the shift against steps (only the states read for the shift).")
+    names = list(methods)
+    runs_in = lambda n, s: methods[n].sampler is None or OWN_SAMPLERS[methods[n].sampler] == s
+    jobs = [(n, s, k, cfg.n_samples) for s in cfg.samplers for k in cfg.steps for n in names if runs_in(n, s)]
     return jobs + [(n, 'euler', k, cfg.n_shift) for k in cfg.shift_steps if k not in cfg.steps
                    for n in SHIFT_METHODS if n in names]
 
@@ -291,12 +338,18 @@ def stage_evaluate(cfg:StudyConfig)->dict:
             'floor': forward(cfg.seed + 9), '_stats': {}}       # _stats: posterior statistics of the reference states
     rows, shifts, boots, grids, post_g = [], [], [], {}, EstimatedPosterior(ctx.est)
     post_exact = ExactPosterior(gm, cfg.path) if mix else None   # one object: its statistics are cached by id
-    for name, sampler, steps, n in progress(_jobs(cfg, list(methods)), desc='sweep'):
+    for name, sampler, steps, n in progress(_jobs(cfg, methods), desc='sweep'):
         posts = _posteriors(name, sampler, post_exact, post_g)
         r, s, b, x0 = one_run(cfg, methods[name], dens[name], sampler, steps, x1[:n], posts, refs, scorer)
-        rows.append({**r, 'n_samples': n}); shifts.append(s); boots.append(b)
+        rows.append({**r, 'n_samples': n, 'purpose': 'sweep'}); shifts.append(s); boots.append(b)
         if n == cfg.n_samples: grids[f'{name}|{sampler}|{steps}'] = x0[:8].float().clone()
-    res, sh = add_intervals(pd.DataFrame(rows), boots, CELL, level=cfg.level), pd.concat(shifts)
+    # equal compute: no guidance at the NFE of every guided run, from the same starting noise
+    for sampler, steps, n in progress(equal_nfe_jobs(pd.DataFrame(rows)), desc='equal NFE'):
+        posts = _posteriors('none', sampler, post_exact, post_g)
+        r, _, b, _ = one_run(cfg, methods['none'], dens['none'], sampler, steps, x1[:n], posts, refs, scorer)
+        rows.append({**r, 'n_samples': n, 'purpose': 'equal-nfe'}); boots.append(b)
+    res = add_equal_nfe(add_intervals(pd.DataFrame(rows), boots, CELL, level=cfg.level), boots, cfg.level)
+    sh = pd.concat(shifts)
     res.to_csv(out / 'results.csv', index=False); sh.to_csv(out / 'shift.csv', index=False)
     torch.save({'boots': boots, 'grids': grids}, out / 'boots.pt')
     tbin_table(sh, ['method', 'family', 'w', 'sampler', 'steps', 'posterior']).to_csv(out / 'shift_by_tbin.csv',
@@ -409,7 +462,8 @@ def pool_studies(cfg:StudyConfig, outs:list)->Path:
      "two-level bootstrap intervals.")
     out, ress = Path(cfg.out), [pd.read_csv(o / 'results.csv') for o in outs]
     bts = [torch.load(o / 'boots.pt', weights_only=True) for o in outs]
-    res = ress[0][[c for c in ress[0].columns if not c.endswith(('_lo', '_hi')) and not c.startswith('delta_')]].copy()
+    res = ress[0][[c for c in ress[0].columns if not c.endswith(('_lo', '_hi'))
+                   and not c.startswith(('delta_', 'nfe_delta_', 'nfe_base'))]].copy()
     num = [c for c in res.columns if c not in ('method', 'family', 'w', 'sampler', 'steps', 'n_samples')
            and pd.api.types.is_numeric_dtype(res[c])]
     res[num] = sum(r[num] for r in ress) / len(ress)
@@ -420,7 +474,8 @@ def pool_studies(cfg:StudyConfig, outs:list)->Path:
                   for m in bts[0]['boots'][i]}
         for m, (p, _) in pooled.items(): res.at[i, m] = p
         boots.append({m: b for m, (_, b) in pooled.items()})
-    add_intervals(res, boots, CELL, level=cfg.level).to_csv(out / 'results.csv', index=False)
+    add_equal_nfe(add_intervals(res, boots, CELL, level=cfg.level), boots, cfg.level).to_csv(out / 'results.csv',
+                                                                                           index=False)
     torch.save({'boots': boots, 'grids': bts[0]['grids']}, out / 'boots.pt')
     # figures: the first model's
     for f in ('shift.csv', 'shift_by_tbin.csv', 'estimator/calibration.csv', 'denoiser/oracle_gap.csv'):
@@ -457,12 +512,15 @@ def run_models(cfg:StudyConfig)->Path:
                    for n, o in zip(cfg.models, outs)])
     m.to_csv(out / 'map.csv', index=False)
     fig = fig_where_nag_helps(m, metric); fig.savefig(out / 'where_nag_helps.png', dpi=110); plt.close(fig)
+    fig = fig_pareto(m, metric); fig.savefig(out / 'pareto.png', dpi=110); plt.close(fig)
     table = map_findings(m, metric)
     table.to_csv(out / 'map_verdicts.csv', index=False)
     (out / 'map.md').write_text(f'# Where NAG helps: {cfg.dataset}\n\n![where NAG helps](where_nag_helps.png)\n\n'
                                 f'Verdicts on the paired change of {metric} against no guidance '
                                 f'({cfg.level:.0%} intervals):\n\n{md_table(table.set_index("model"))}\n\n'
-                                + '\n'.join(f'- {c}' for c in map_conclusions(m, metric)) + '\n')
+                                + '\n'.join(f'- {c}' for c in map_conclusions(m, metric)) + '\n\n'
+                                + f'## Quality against compute\n\n![pareto](pareto.png)\n\n'
+                                + '\n'.join(f'- {c}' for c in pareto_conclusions(m, metric)) + '\n')
     for (s, k), fig in map_sample_grids(cfg, outs).items():
         fig.savefig(out / f'samples_{s}_{k}.png', dpi=110, bbox_inches='tight'); plt.close(fig)
     return out / 'map.md'
