@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file, load_file
 from .core import ConfigError, file_digest, digest_ok, fault_point, warn, _alive
+from .core import writing, hold_interrupts
 
 # %% auto #0
-__all__ = ['PICKLE_SUFFIXES', 'save_checkpoint', 'latest_checkpoint', 'checkpoint_damage', 'load_checkpoint']
+__all__ = ['PICKLE_SUFFIXES', 'save_checkpoint', 'checkpoint_kept', 'latest_checkpoint', 'checkpoint_damage', 'load_checkpoint']
 
 # %% ../nbs/15b_checkpoint.ipynb #c910db61
 def _fsync_dir(path:Path):
@@ -65,8 +66,24 @@ def save_checkpoint(out, # the run's folder; checkpoints go to out/checkpoints
                     state:dict|None=None, # JSON-ready: config, counters, anything else
                     keep:int=2)->Path: # how many checkpoints to keep (0 keeps all)
     "Write a checkpoint atomically, with each file's size and SHA-256 in state.json, and point `latest` at it."
-    root = Path(out) / 'checkpoints'; root.mkdir(parents=True, exist_ok=True); _clear_stale(root)
+    root = Path(out) / 'checkpoints'
     final, tmp = root / f'step_{step:08d}', root / f'.step_{step:08d}.tmp-{os.getpid()}'
+    # Ctrl-C waits for the checkpoint; a failed write removes the temporary folder and names the last good one
+    with hold_interrupts(f'checkpoint {final.name}'), writing(final, lambda: checkpoint_kept(out),
+                                                              temps=[tmp, root / 'latest.tmp']):
+        root.mkdir(parents=True, exist_ok=True); _clear_stale(root)
+        _write_folder(tmp, step, model, ema, optimizer, state)
+        fault_point('checkpoint.rename')
+        if final.exists(): shutil.rmtree(final)
+        os.replace(tmp, final); _fsync_dir(root)
+        fault_point('checkpoint.latest')
+        (root / 'latest.tmp').write_text(final.name); os.replace(root / 'latest.tmp', root / 'latest')
+        _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+def _write_folder(tmp:Path, step:int, model, ema, optimizer, state:dict|None):
+    "The checkpoint's files in folder `tmp`, flushed to disk, with their sizes and SHA-256 in state.json."
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
     tensors = {'model.safetensors': _state_dict_cpu(model),
                'ema.safetensors': None if ema is None else _state_dict_cpu(ema)}
@@ -78,13 +95,13 @@ def save_checkpoint(out, # the run's folder; checkpoints go to out/checkpoints
     _write_json(tmp / 'state.json', {'step': step, 'optimizer': opt_meta, 'files': files, **(state or {})})
     for f in tmp.iterdir():
         with open(f, 'rb') as fh: os.fsync(fh.fileno())
-    fault_point('checkpoint.rename')
-    if final.exists(): shutil.rmtree(final)
-    os.replace(tmp, final); _fsync_dir(root)
-    fault_point('checkpoint.latest')
-    (root / 'latest.tmp').write_text(final.name); os.replace(root / 'latest.tmp', root / 'latest'); _fsync_dir(root)
-    _prune(root, keep)
-    return final
+
+def checkpoint_kept(out)->str:
+    "What a failed write leaves intact in run `out`: its last good checkpoint (the one `latest` names), if any."
+    ptr = Path(out) / 'checkpoints' / 'latest'
+    name = ptr.read_text().strip() if ptr.is_file() else ''
+    kept = f"the last good checkpoint {name} stays latest" if name else "no checkpoint was written before"
+    return f"{kept}; free space (or fix the folder) and run the same command again to resume"
 
 def _prune(root:Path, keep:int):
     "Remove all but the newest `keep` checkpoint folders."

@@ -4,11 +4,11 @@
 
 # %% ../nbs/15c_cli.ipynb #e447cd66
 from __future__ import annotations
-import argparse, sys, warnings
+import argparse, os, sys, warnings
 from dataclasses import fields
 from pathlib import Path
 import yaml
-from .core import ConfigError, RunWarning, read_yaml_mapping, check_out_dir
+from .core import ConfigError, RunWarning, Interrupted, WriteFailed, read_yaml_mapping, check_out_dir
 
 # %% auto #0
 __all__ = ['COMMANDS', 'train_options', 'parser', 'main', 'config_options', 'cmd_train', 'cmd_estimator', 'cmd_sample',
@@ -32,8 +32,28 @@ def main(argv=None):
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             COMMANDS[args.command][0](args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr); sys.exit(2)
+    except ConfigError as e: _end(f"error: {e}", 2)
+    except KeyboardInterrupt as e: _end(_interrupt_line(e), 130)
+    except OSError as e: _end(f"error: {_os_line(e)}", 1)
+
+def _interrupt_line(e:KeyboardInterrupt)->str:
+    "The one line for Ctrl-C: the run's own (an `Interrupted`), else a generic one."
+    if isinstance(e, Interrupted): return str(e)
+    return "interrupted; everything finished before is kept; the same command resumes"
+
+def _os_line(e:OSError)->str:
+    "An OS error as one line: a `WriteFailed` as it is, else the file and the system's words."
+    if isinstance(e, WriteFailed): return str(e)
+    if e.filename is None or not e.strerror: return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{e.filename}: {e.strerror}"
+
+def _end(line:str, status:int):
+    "Close any progress bar, print `line` on stderr and exit with `status` (a traceback instead, where asked)."
+    if os.environ.get('NAG_TOOLKIT_TRACEBACK'): raise
+    from tqdm.std import tqdm
+    for bar in list(getattr(tqdm, '_instances', [])): bar.close()       # the bar's last state, then a new line
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(status)
 
 _default_showwarning = warnings.showwarning
 

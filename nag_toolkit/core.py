@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #68eca160
 from __future__ import annotations
-import os, sys, functools, dataclasses, errno, json, math, socket, tempfile, time, warnings
+import os, sys, functools, contextlib, dataclasses, errno, json, math, re, shutil, signal, socket, tempfile
+import threading, time, warnings
 from pathlib import Path
 import torch
 
 # %% auto #0
 __all__ = ['LOCK_NAME', 'ConfigError', 'check_choice', 'check_range', 'cli_errors', 'check_finite', 'coerce', 'config_from_dict',
            'first_line', 'read_yaml_mapping', 'check_out_dir', 'RunWarning', 'warn', 'RunLock', 'file_digest',
-           'digest_ok', 'fault_point', 'progress_interval', 'progress', 'sample_seed', 'sample_generators',
-           'randn_per_sample', 'as_t', 'expand_t', 'shared_time', 'host_time', 'tune_cpu_allocator',
-           'CPU_ALLOCATOR_TUNED']
+           'digest_ok', 'fault_point', 'Interrupted', 'WriteFailed', 'as_os_error', 'remove', 'writing', 'atomic_write',
+           'hold_interrupts', 'progress_interval', 'progress', 'sample_seed', 'sample_generators', 'randn_per_sample',
+           'as_t', 'expand_t', 'shared_time', 'host_time', 'tune_cpu_allocator', 'CPU_ALLOCATOR_TUNED']
 
 # %% ../nbs/00_core.ipynb #a8a6e9ad
 class ConfigError(ValueError):
@@ -101,6 +102,9 @@ def read_yaml_mapping(path, field:str='config')->dict:
     if not p.is_file(): raise ConfigError(f"{field}={str(p)!r} does not exist; allowed: a YAML file")
     try: d = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e: raise ConfigError(f"{field}={str(p)!r} is not valid YAML ({first_line(e)})") from None
+    except (OSError, UnicodeDecodeError) as e:          # unreadable, or not text at all
+        raise ConfigError(f"{field}={str(p)!r} cannot be read ({getattr(e, 'strerror', None) or first_line(e)}); "
+                          "allowed: a YAML text file") from None
     if d is None: return {}
     if not isinstance(d, dict): raise ConfigError(f"{field}={str(p)!r} must hold a mapping of options")
     return d
@@ -218,6 +222,76 @@ def fault_point(name:str):
     if not spec.startswith(name + '@'): return
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
     if _FAULT_COUNTS[name] == int(spec.rsplit('@', 1)[1]): os.kill(os.getpid(), 9)
+
+# %% ../nbs/00_core.ipynb #dcb08116
+class Interrupted(KeyboardInterrupt):
+    "Ctrl-C, raised once the run has put its folder in order; the message is one line saying what is kept."
+    def __str__(self): return self.args[0] if self.args else 'interrupted'
+
+class WriteFailed(OSError):
+    "A write that failed (disk full, quota, read-only): one line naming the file, the error and what is intact."
+    def __init__(self, path, # the file or folder that could not be written
+                 err:OSError, # the error the system gave
+                 kept:str): # what is intact, and what to do
+        super().__init__(err.errno, err.strerror or first_line(err), str(path))
+        self.kept = kept
+    def __str__(self):
+        code = errno.errorcode.get(self.errno)
+        return f"cannot write {self.filename}: {self.strerror}{f' ({code})' if code else ''}; {self.kept}"
+
+def as_os_error(e:BaseException)->OSError|None:
+    "`e` as an `OSError`: itself, or the OS error a library named in its message (safetensors' `os error 28`)."
+    if isinstance(e, OSError): return e
+    m = re.search(r'os error (\d+)', str(e))
+    return OSError(int(m[1]), os.strerror(int(m[1]))) if m else None
+
+# %% ../nbs/00_core.ipynb #6be4947b
+def remove(path):
+    "Remove a file or a folder tree if it exists (what a failed write leaves behind)."
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
+    else: p.unlink(missing_ok=True)
+
+@contextlib.contextmanager
+def writing(path, # the file or folder the block writes, as the message names it
+            kept, # what is intact if the write fails: a string, or a function returning one
+            temps=()): # temporary files or folders to remove on any failure (or Ctrl-C)
+    "Around a write: any failure removes `temps`; an OS error becomes a one-line `WriteFailed` naming `path`."
+    try: yield
+    except BaseException as e:
+        for t in temps: remove(t)
+        err = None if isinstance(e, (KeyboardInterrupt, WriteFailed)) else as_os_error(e)
+        if err is None: raise
+        raise WriteFailed(path, err, kept() if callable(kept) else kept) from None
+
+def atomic_write(path, # the file to write
+                 data, # its text or bytes, or a function that writes a given temporary path
+                 kept='nothing else was changed')->Path: # what is intact if the write fails
+    "Write `path` through a temporary file beside it and a rename; a failure leaves no temporary file (`writing`)."
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    with writing(path, kept, temps=[tmp]):
+        if callable(data): data(tmp)
+        elif isinstance(data, bytes): tmp.write_bytes(data)
+        else: tmp.write_text(data)
+        os.replace(tmp, path)
+    return path
+
+# %% ../nbs/00_core.ipynb #e33e9456
+@contextlib.contextmanager
+def hold_interrupts(what:str='a write'): # what is being finished, for the note a repeated Ctrl-C prints
+    "Hold Ctrl-C (SIGINT) inside the block, then hand it to the previous handler; main thread only."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    got = []
+    def _held(signum, frame):
+        if got: print(f"still writing {what}; Ctrl-C is held until it is on disk", file=sys.stderr, flush=True)
+        got.append(signum)
+    old = signal.signal(signal.SIGINT, _held)
+    try: yield
+    finally: signal.signal(signal.SIGINT, old)
+    # the Ctrl-C that waited goes where it would have gone
+    if got and callable(old): old(signal.SIGINT, None)
+    elif got and old != signal.SIG_IGN: raise KeyboardInterrupt
 
 # %% ../nbs/00_core.ipynb #9c163efa
 def progress_interval(file=None)->float:

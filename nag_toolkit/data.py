@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from torch.utils.data import Dataset, DataLoader, Subset
 from safetensors.torch import save_file, load_file
 from .core import (ConfigError, check_choice, check_range, first_line, config_from_dict,
-                              randn_per_sample, sample_generators)
+                              randn_per_sample, sample_generators, writing, Interrupted, fault_point)
 from .analytic import GaussianMixture
 
 # %% auto #0
@@ -178,12 +178,19 @@ class ImageDataset(BatchDataset):
         self.base, self.meta, self._shape = base, dict(meta or {}), None
     def __len__(self): return len(self.base)
     def read(self, indices):
-        items = [self.base[int(i)] for i in as_indices(indices, len(self))]
+        items = [self._item(int(i)) for i in as_indices(indices, len(self))]
         return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items], dtype=torch.long)
+    def _item(self, i:int):
+        "Item `i` of the wrapped dataset; a damaged or unreadable image is a one-line error naming its file."
+        try: return self.base[i]
+        except (OSError, ValueError, SyntaxError) as e:      # PIL: UnidentifiedImageError, truncated, broken PNG
+            where = self.base.samples[i][0] if hasattr(self.base, 'samples') else f"{i} of {self.meta.get('name')}"
+            raise ConfigError(f"image {where} cannot be read ({first_line(e)}); "
+                              "allowed: a whole image file (copy it again, or remove it)") from None
     @property
     def shape(self)->tuple:
         "Shape of one sample (the first image's, read once)."
-        if self._shape is None: self._shape = tuple(self.base[0][0].shape)
+        if self._shape is None: self._shape = tuple(self._item(0)[0].shape)
         return self._shape
     def __repr__(self): return f"ImageDataset({self.meta.get('name')}, n={len(self)}, num_classes={self.num_classes})"
 
@@ -234,7 +241,8 @@ def folder_dataset(root, # a folder with one subfolder of images per class
 def save_latent_shard(path, # file to write; '.safetensors' is appended if missing
                       latents, # latents, [N, ...] (their dtype is kept)
                       labels, # integer labels, [N]
-                      metadata:dict|None=None)->Path: # strings kept in the file's header (num_classes, vae, ...)
+                      metadata:dict|None=None, # strings kept in the file's header (num_classes, vae, ...)
+                      kept='the finished shards beside it are kept')->Path: # what is intact if the write fails
     "Write one shard of latents and labels as a `.safetensors` file, atomically; returns its path."
     path = Path(path)
     if path.suffix != '.safetensors': path = path.with_name(path.name + '.safetensors')
@@ -245,8 +253,10 @@ def save_latent_shard(path, # file to write; '.safetensors' is appended if missi
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     strings = {k: str(v) for k, v in (metadata or {}).items()}
-    save_file({'latents': latents, 'labels': labels}, str(tmp), metadata=strings)
-    os.replace(tmp, path)
+    with writing(path, kept, temps=[tmp]):           # a full disk: one line, and no temporary file left
+        save_file({'latents': latents, 'labels': labels}, str(tmp), metadata=strings)
+        fault_point('latents.write')                 # where the tests stop it (or slow it down)
+        os.replace(tmp, path)
     return path
 
 _ST_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16', 'I64': 'int64', 'I32': 'int32',
@@ -256,6 +266,7 @@ def _safetensors_header(p:Path)->tuple:
     "`({name: (dtype, shape, byte offset)}, metadata)` of a safetensors file, from its JSON header alone."
     with open(p, 'rb') as f:
         n = int.from_bytes(f.read(8), 'little')
+        if n > os.fstat(f.fileno()).st_size: raise ValueError(f"its header length {n} is longer than the file")
         h = json.loads(f.read(n))
     meta = h.pop('__metadata__', None) or {}
     return {k: (_ST_DTYPES[v['dtype']], tuple(v['shape']), 8 + n + v['data_offsets'][0]) for k, v in h.items()}, meta
@@ -275,10 +286,16 @@ class MappedArray:
     def __init__(self, path, dtype:str, shape:tuple, offset:int):
         self.path, self.dtype, self.shape, self.offset, self._mm = str(path), dtype, tuple(shape), offset, None
 
+    end = property(lambda self: self.offset + math.prod(self.shape) * (2 if self.dtype == 'bfloat16' else
+                                                                         np.dtype(self.dtype).itemsize),
+                   doc="Where the array ends in its file (bytes).")
+
     def _array(self)->np.ndarray:
         if self._mm is None:
             with open(self.path, 'rb') as f: self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             if hasattr(mmap, 'MADV_RANDOM'): self._mm.madvise(mmap.MADV_RANDOM)     # no read-ahead of other rows
+        if len(self._mm) < self.end:                     # cut short since it was opened: one line naming it
+            raise ConfigError(f"shard {self.path} is truncated: {len(self._mm)} bytes, its header says {self.end}")
         dt = np.int16 if self.dtype == 'bfloat16' else np.dtype(self.dtype)         # numpy has no bfloat16
         return np.frombuffer(self._mm, dt, count=math.prod(self.shape), offset=self.offset).reshape(self.shape)
 
@@ -306,7 +323,20 @@ def _is_shard(p:Path)->bool:
     return p.suffix == '.safetensors' or (p.suffix == '.npy' and not p.stem.endswith('_labels'))
 
 def _open_shard(p:Path)->tuple:
-    "`(latents, labels, metadata)` of one shard file: two `MappedArray`s, nothing read yet."
+    "`(latents, labels, metadata)` of one shard file: two `MappedArray`s, checked against the file sizes."
+    try: z, y, meta = _shard_arrays(p)
+    except ConfigError: raise
+    except (OSError, ValueError, KeyError, TypeError) as e:        # an unreadable or damaged header
+        raise ConfigError(f"shard {p} cannot be read ({type(e).__name__}: {first_line(e)}); "
+                          "allowed: a whole shard file (copy it again, or remove it)") from None
+    for a in (z, y):                                  # a partial copy: shorter than its header says
+        size = Path(a.path).stat().st_size
+        if size < a.end: raise ConfigError(f"shard {a.path} is truncated: {size} bytes, its header says {a.end}; "
+                                           "allowed: a whole shard file (copy it again, or remove it)")
+    return z, y, meta
+
+def _shard_arrays(p:Path)->tuple:
+    "`(latents, labels, metadata)` of one shard file from its headers: two `MappedArray`s, nothing read yet."
     if p.suffix == '.safetensors':
         arrays, meta = _safetensors_header(p)
         for k in ('latents', 'labels'):
@@ -491,6 +521,11 @@ def _vae_device(name:str)->torch.device:
     if not torch.cuda.is_available(): return torch.device('cpu')
     return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
 
+def _latent_shard(vae, ds, dst:Path, span:tuple, cfg:LatentsConfig, bar, meta:dict, kept:str):
+    "Encode dataset rows `span` = (start, stop) and write them as the shard `dst` (atomically)."
+    z, y = _encode_shard(vae, ds, *span, cfg, bar)
+    save_latent_shard(dst, z.to(getattr(torch, cfg.dtype)), y, {**meta, 'rows': f'{span[0]}:{span[1]}'}, kept)
+
 def write_latents(cfg:LatentsConfig|dict, # the options (a `LatentsConfig` or a dict of its fields)
                   vae=None)->dict: # an `AutoencoderKL` already loaded; None: load `cfg.vae`
     "Encode an image dataset into latent shards in `cfg.out` (this process's shards under torchrun); resumable."
@@ -506,10 +541,15 @@ def write_latents(cfg:LatentsConfig|dict, # the options (a `LatentsConfig` or a 
     span = lambda k: (k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(ds)))
     meta = {'vae': cfg.vae if isinstance(cfg.vae, str) else '', 'scale': cfg.scale, 'mode': cfg.mode, 'flip': cfg.flip,
             'num_classes': ds.num_classes, 'images': len(ds)}
+    done = len(mine) - len(todo)
     with progress(total=sum(b - a for a, b in map(span, todo)), unit='img', desc='latents', disable=rank != 0) as bar:
         for k in todo:
-            z, y = _encode_shard(vae, ds, *span(k), cfg, bar)
-            rows = f'{span(k)[0]}:{span(k)[1]}'
-            save_latent_shard(out / f'shard_{k:05d}', z.to(getattr(torch, cfg.dtype)), y, {**meta, 'rows': rows})
+            kept = (f"{done} finished shard(s) kept in {out}; free space (or fix the folder) and run the same "
+                    "command again to resume")
+            try: _latent_shard(vae, ds, out / f'shard_{k:05d}', span(k), cfg, bar, meta, kept)
+            except KeyboardInterrupt:                 # the shard in flight is not on disk (its temporary file removed)
+                raise Interrupted(f"interrupted; the shard being encoded was not kept; {done} finished shard(s) "
+                                  f"kept in {out}; the same command resumes") from None
+            done += 1
     return {'out': str(out), 'written': todo, 'skipped': [k for k in mine if k not in todo], 'n_shards': n_shards,
             'rank': rank, 'world': world}

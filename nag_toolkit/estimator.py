@@ -12,11 +12,12 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .core import ConfigError, check_choice, check_range, sample_seed, as_t, progress as progress_bar
-from .core import config_from_dict, check_out_dir, warn
+from .core import config_from_dict, check_out_dir, warn, writing, atomic_write, Interrupted
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, DATASETS
-from .checkpoint import save_checkpoint, latest_checkpoint, load_checkpoint
-from .train import pick_device, init_distributed, StopFlag, _agree, _log, _take_folder, _trim_log
+from .checkpoint import save_checkpoint, latest_checkpoint, load_checkpoint, checkpoint_kept
+from .train import (pick_device, init_distributed, StopFlag, _agree, _log, _take_folder, _trim_log,
+                              _interrupted)
 
 # %% auto #0
 __all__ = ['ESTIMATOR_RESUME_FREE', 'MLPEncoder', 'ConvEncoder', 'DiTFeatureHead', 'NoiseLevelEstimator', 'build_estimator',
@@ -149,12 +150,16 @@ def save_estimator(est:NoiseLevelEstimator, folder)->Path:
     "Write `est` (built by `build_estimator`) to `folder` as estimator.safetensors + estimator.json."
     from safetensors.torch import save_file
     import json, os
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
     weights = {k: v.detach().contiguous().cpu() for k, v in est.state_dict().items()}
-    save_file(weights, folder / 'estimator.safetensors.tmp')
-    (folder / 'estimator.json.tmp').write_text(json.dumps(est.config, indent=1))
-    os.replace(folder / 'estimator.safetensors.tmp', folder / 'estimator.safetensors')
-    os.replace(folder / 'estimator.json.tmp', folder / 'estimator.json')     # last: now the folder holds an estimator
+    tmps = [folder / 'estimator.safetensors.tmp', folder / 'estimator.json.tmp']
+    # a failed write (a full disk) removes both temporary files and names the folder: one line
+    with writing(folder / 'estimator.safetensors', lambda: checkpoint_kept(folder), temps=tmps):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(weights, tmps[0])
+        tmps[1].write_text(json.dumps(est.config, indent=1))
+        os.replace(tmps[0], folder / 'estimator.safetensors')
+        os.replace(tmps[1], folder / 'estimator.json')     # last: now the folder holds an estimator
     return folder
 
 def load_estimator(folder, # a folder written by `save_estimator` or `run_estimator`, or a checkpoint of such a run
@@ -328,10 +333,11 @@ def _estimator_checkpoint(run:dict):
         save_checkpoint(cfg.out, run['step'], run['est'], None, run['opt'], keep=cfg.keep_checkpoints,
                         state={'kind': 'estimator', 'config': asdict(cfg), 'estimator': run['est'].config})
     if run['world'] > 1: dist.barrier()
+    run['saved'] = run['step']
 
 # %% ../nbs/12_estimator.ipynb #e1a70009
 def _estimator_steps(run:dict)->str|None:
-    "Train from the run's step to `cfg.steps`; returns the signal's name if SIGTERM/SIGUSR1 stopped it (checkpointed)."
+    "Train from the run's step to `cfg.steps`; returns the signal's name if SIGTERM/SIGUSR1/SIGINT stopped it."
     cfg, dev, start, stopped = run['cfg'], run['device'], run['step'], None
     net = run['est'] if run['world'] == 1 else torch.nn.parallel.DistributedDataParallel(
         run['est'], device_ids=[dev.index] if dev.type == 'cuda' else None)
@@ -351,10 +357,10 @@ def _estimator_steps(run:dict)->str|None:
             # stop when any process got a signal; else a checkpoint every ckpt_every steps
             if _agree(flag.signal is not None, run, dev): stopped = flag.signal or 'signal'; break
             if run['step'] % cfg.ckpt_every == 0: _estimator_checkpoint(run)
-    bar.close()
-    # the last steps, or the stop, checkpointed too
-    if run['step'] != start and (run['step'] % cfg.ckpt_every or stopped): _estimator_checkpoint(run)
-    return stopped
+        bar.close()
+        # the last steps, or the stop, checkpointed too (a Ctrl-C during it waits, then counts as a stop)
+        if run['step'] != run['saved']: _estimator_checkpoint(run)
+        return stopped or flag.signal
 
 def run_estimator(cfg:EstimatorConfig|dict)->Path|None:
     ("Train (or resume) g(t | x) in `cfg.out` and save it there with calibration.csv; returns that folder "
@@ -363,7 +369,11 @@ def run_estimator(cfg:EstimatorConfig|dict)->Path|None:
     check_out_dir(cfg.out)                            # a folder that cannot be written: one line, before any work
     with contextlib.ExitStack() as held:              # the run folder's lock, held to the end
         run = _estimator_setup(cfg, held)
-        stopped = _estimator_steps(run)
+        run['saved'] = run['step'] or None            # the step of the checkpoint it resumed from
+        # Ctrl-C: the step in flight ends and is checkpointed, then one line (`Interrupted`)
+        try: stopped = _estimator_steps(run)
+        except KeyboardInterrupt: raise Interrupted(_interrupted(run)) from None    # a second Ctrl-C: at once
+        if stopped == 'SIGINT': raise Interrupted(_interrupted(run))
         if stopped and run['rank'] == 0:
             print(f"received {stopped}: checkpointed at step {run['step']} in {cfg.out}; "
                   "run the same command again to resume")
@@ -371,8 +381,9 @@ def run_estimator(cfg:EstimatorConfig|dict)->Path|None:
         return _estimator_finish(run)
 
 def _estimator_finish(run:dict)->Path:
-    "Save the trained estimator into the run folder and write its calibration report beside it."
+    "Save the trained estimator into the run folder and write its calibration report beside it (atomically)."
     cfg, est = run['cfg'], run['est']
     out = save_estimator(est, cfg.out)
-    calibration_report(est, run['ds'], cfg.path, cfg.t_bins, cfg.n_per_bin).to_csv(out / 'calibration.csv', index=False)
+    report = calibration_report(est, run['ds'], cfg.path, cfg.t_bins, cfg.n_per_bin)
+    atomic_write(out / 'calibration.csv', lambda tmp: report.to_csv(tmp, index=False), lambda: checkpoint_kept(out))
     return out

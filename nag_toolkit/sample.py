@@ -13,6 +13,7 @@ from fastcore.basics import patch
 from .core import ConfigError, check_choice, check_range, config_from_dict
 from .core import sample_generators, randn_per_sample
 from .core import check_out_dir, RunLock, progress, file_digest, digest_ok, fault_point, warn, _alive
+from .core import writing, atomic_write, Interrupted
 from .interpolants import get_interpolant
 from .samplers import GRID_KINDS, SAMPLERS, time_grid, sde_grid, sampler_options, run_sampler, start_state
 from .samplers import FiniteWatch, SamplingDiverged
@@ -278,24 +279,33 @@ def _move_into_place(tmp:Path, dst:Path):
         {'samples': n, 'files': {str(f.relative_to(dst.parent)): file_digest(f) for f in files}}, indent=1))
     os.replace(tmp_rec, rec)
 
-def write_npz(dst:Path, arr:np.ndarray, labels:np.ndarray):
-    "Write an npz shard (`arr_0`, `labels`) atomically, and its record."
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    shard_record(dst).unlink(missing_ok=True)
-    with open(tmp, 'wb') as f:
-        np.savez(f, arr_0=arr, labels=labels); f.flush(); os.fsync(f.fileno())
-    _move_into_place(tmp, dst)
+def _temps(dst:Path)->list:
+    "The temporary files of shard `dst` and of its record (what a failed or interrupted write removes)."
+    pid = os.getpid()
+    return [dst.with_name(f"{dst.name}.tmp-{pid}"), dst.with_name(f"{shard_record(dst).name}.tmp-{pid}")]
 
-def write_png(dst:Path, arr:np.ndarray, labels:np.ndarray, start:int):
+def write_npz(dst:Path, arr:np.ndarray, labels:np.ndarray,
+              kept='the finished shards beside it are kept'): # what is intact if the write fails
+    "Write an npz shard (`arr_0`, `labels`) atomically, and its record; a failure leaves no temporary file."
+    tmp = _temps(dst)[0]
+    shard_record(dst).unlink(missing_ok=True)
+    with writing(dst, kept, temps=_temps(dst)):
+        with open(tmp, 'wb') as f:
+            np.savez(f, arr_0=arr, labels=labels); f.flush(); os.fsync(f.fileno())
+        _move_into_place(tmp, dst)
+
+def write_png(dst:Path, arr:np.ndarray, labels:np.ndarray, start:int,
+              kept='the finished shards beside it are kept'): # what is intact if the write fails
     "Write a PNG shard folder (a file per sample, named by global index, and labels.npy) atomically, and its record."
     from PIL import Image
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    tmp = _temps(dst)[0]
     shard_record(dst).unlink(missing_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-    for i, img in enumerate(arr):
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{start + i:09d}.png")
-    np.save(tmp / 'labels.npy', labels)
-    _move_into_place(tmp, dst)
+    with writing(dst, kept, temps=_temps(dst)):
+        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+        for i, img in enumerate(arr):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{start + i:09d}.png")
+        np.save(tmp / 'labels.npy', labels)
+        _move_into_place(tmp, dst)
 
 def _clear_stale(out:Path):
     "Remove temporary shards that killed writers left behind (their process is gone)."
@@ -327,8 +337,7 @@ def _check_out(out:Path, meta:dict):
 
 def _write_meta(out:Path, meta:dict, rank:int):
     "Record the settings in out/sampling.json (atomically; every process writes the same content)."
-    tmp = out / f'sampling.json.tmp{rank}'
-    tmp.write_text(json.dumps(meta, indent=1)); os.replace(tmp, out / 'sampling.json')
+    atomic_write(out / 'sampling.json', json.dumps(meta, indent=1), 'the finished shards beside it are kept')
 
 # %% ../nbs/16_sample.ipynb #0fe04584
 def make_shard(job:dict, indices:range)->tuple:
@@ -352,10 +361,20 @@ def sample_shards(cfg:SampleConfig|dict)->dict:
         return _write_shards(job, out, rank, world)
 
 def _write_shards(job:dict, out:Path, rank:int, world:int)->dict:
-    "Record the settings, then write this process's shards that are not finished and intact."
+    "Record the settings, then write this process's shards that are not finished and intact; Ctrl-C: one line."
+    done, written = [], []
+    try: return _shards(job, out, rank, world, done, written)
+    except KeyboardInterrupt:       # the shard in flight is dropped (its temporary file removed); the others stay
+        raise Interrupted(f"interrupted; the shard being drawn was not kept; {len(done) + len(written)} finished "
+                          f"shard(s) kept in {out}; the same command resumes") from None
+
+def _shards(job:dict, out:Path, rank:int, world:int, done:list, written:list)->dict:
+    "The body of `_write_shards`: finished shards are appended to `done` (earlier) or `written` (now)."
     cfg = job['cfg']
     _write_meta(out, job['meta'], rank)
-    n_shards, done, written = math.ceil(cfg.num_samples / cfg.shard_size), [], []
+    n_shards = math.ceil(cfg.num_samples / cfg.shard_size)
+    kept = lambda: (f"{len(done) + len(written)} finished shard(s) kept in {out}; free space (or fix the folder) "
+                    "and run the same command again to resume")
     for k in progress(rank_shards(n_shards, rank, world),
                       desc='sample' + (f' (rank {rank}/{world})' if world > 1 else ''),
                       disable=rank != 0):
@@ -366,8 +385,8 @@ def _write_shards(job:dict, out:Path, rank:int, world:int)->dict:
             warn(f"{dst} is damaged or truncated (its size or SHA-256 differs from {shard_record(dst).name}); "
                  "writing it again")
         arr, labels = _draw_shard(job, idx, k, out, len(done) + len(written))
-        if cfg.format == 'npz': write_npz(dst, arr, labels)
-        else: write_png(dst, arr, labels, idx.start)
+        if cfg.format == 'npz': write_npz(dst, arr, labels, kept)
+        else: write_png(dst, arr, labels, idx.start, kept)
         written.append(k)
     return {'out': str(out), 'n_shards': n_shards, 'written': written, 'skipped': done, 'rank': rank, 'world': world,
             'meta': job['meta']}

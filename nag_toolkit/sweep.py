@@ -4,14 +4,14 @@
 
 # %% ../nbs/17_sweep.ipynb #2b42f3da
 from __future__ import annotations
-import hashlib, itertools, json, re, shutil, time
+import hashlib, itertools, json, os, re, shutil, signal, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 import pandas as pd
 from .core import (ConfigError, config_from_dict, check_choice, check_range, read_yaml_mapping,
                               check_out_dir,
-                              RunLock)
+                              RunLock, Interrupted, atomic_write)
 
 # %% auto #0
 __all__ = ['EXECUTORS', 'RUNNERS', 'Sweep', 'submitit_options', 'default_kernel', 'read_grid', 'Run', 'run_id', 'run_parameters',
@@ -186,12 +186,24 @@ def _outcome(rid:str, job)->str|None:
     print(f"ok      {rid}" if err is None else f"FAILED  {rid}: {err}", flush=True)
     return err
 
+def _worker_signals():
+    "A pool process leaves Ctrl-C to the sweep's own process (one line, not a traceback per worker)."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+def _stop_pool(pool:ProcessPoolExecutor):
+    "Cancel the runs not started and stop those in flight (their kernels exit with their parent)."
+    procs = list((getattr(pool, '_processes', None) or {}).values())    # before shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive(): p.kill()
+
 def run_local(sw:Sweep, runs:list)->dict:
-    "Execute `runs` in a pool of `sw.workers` processes."
+    "Execute `runs` in a pool of `sw.workers` processes; Ctrl-C cancels and stops them before it is raised."
     from nag_toolkit.sweep import execute_run as job   # by its module's name, so that it pickles even from a notebook
-    with ProcessPoolExecutor(sw.workers) as pool:
+    with ProcessPoolExecutor(sw.workers, initializer=_worker_signals) as pool:
         jobs = {pool.submit(job, sw.notebook, str(r.dir), r.params, sw.kernel): r.id for r in runs}
-        return {jobs[j]: _outcome(jobs[j], j) for j in as_completed(jobs)}
+        try: return {jobs[j]: _outcome(jobs[j], j) for j in as_completed(jobs)}
+        except KeyboardInterrupt: _stop_pool(pool); raise
 
 def run_submitit(sw:Sweep, runs:list)->dict:
     "Execute `runs` as one submitit job array: on SLURM, or with submitit's local executor where there is none."
@@ -250,12 +262,21 @@ def _run_sweep(sw:Sweep)->SweepReport:
     "The body of `run_sweep`, with the sweep folder held."
     runs, out = expand(sw), Path(sw.out)
     todo = [r for r in runs if not is_done(r)]
-    errors = RUNNERS[sw.executor](sw, todo) if todo else {}
+    try: errors = RUNNERS[sw.executor](sw, todo) if todo else {}
+    except KeyboardInterrupt:                          # the finished runs stay, and are tabled
+        n = len(_table(collect(sw), out / 'results.csv', sw))
+        raise Interrupted(f"interrupted; {n} finished run(s) of {len(runs)} kept in {out / 'runs'} (results.csv); "
+                          "the same command runs the rest") from None
     failed = [{'run': r.id, 'notebook': str(r.dir / 'run.ipynb'), 'error': errors[r.id]}
               for r in todo if errors.get(r.id)]
-    failures = pd.DataFrame(failed, columns=['run', 'notebook', 'error'])
-    failures.to_csv(out / 'failures.csv', index=False)
-    results = collect(sw)
-    results.to_csv(out / 'results.csv', index=False)
+    failures = _table(pd.DataFrame(failed, columns=['run', 'notebook', 'error']), out / 'failures.csv', sw)
+    results = _table(collect(sw), out / 'results.csv', sw)
     ran = [r.id for r in todo]
     return SweepReport(results, failures, ran, [r.id for r in runs if r.id not in ran])
+
+def _table(df:pd.DataFrame, f:Path, sw:Sweep)->pd.DataFrame:
+    "Write `df` to the CSV file `f` atomically; a failed write names it and the finished runs, which stay."
+    kept = lambda: (f"{sum(map(is_done, expand(sw)))} finished run(s) kept in {Path(sw.out) / 'runs'}; free space "
+                    "(or fix the folder) and run the same command again (finished runs are skipped)")
+    atomic_write(f, lambda tmp: df.to_csv(tmp, index=False), kept)
+    return df

@@ -12,11 +12,11 @@ import torch, torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader
 from .core import (ConfigError, check_choice, check_range, sample_seed, config_from_dict, check_out_dir,
-                              RunLock, progress)
+                              RunLock, progress, Interrupted, writing)
 from .interpolants import get_interpolant, PRED_KINDS, INTERPOLANTS
 from .data import get_dataset
 from .models import build_model, load_pretrained
-from .checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint
+from .checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint, checkpoint_kept
 
 # %% auto #0
 __all__ = ['RESUME_FREE', 'TrainConfig', 'resolve', 'draw_batch', 'batch_loss', 'dit_vb_bits', 'StepBatches', 'batch_loader',
@@ -68,6 +68,9 @@ def from_dict(cls:TrainConfig, d:dict)->TrainConfig:
 def resolve(cfg:TrainConfig, world_size:int=1)->TrainConfig:
     "Fill situational defaults and check ranges; returns a new config."
     c = dataclasses.replace(cfg)
+    if c.finetune_from is not None and c.model != 'diffusers':
+        from nag_toolkit.bridge import is_diffusers_folder, finetune_config
+        if is_diffusers_folder(c.finetune_from): c = finetune_config(c)   # a diffusers folder: its model and path
     check_choice('path', c.path, INTERPOLANTS)
     if c.pred is not None: check_choice('pred', c.pred, PRED_KINDS)
     ft = c.finetune_from is not None
@@ -219,8 +222,15 @@ def _model_options(cfg, ds)->dict:
     opts.setdefault('num_classes', ds.num_classes if ds.meta.get('conditional', cfg.model != 'mlp') else 0)
     return opts
 
+def _build(cfg, ds):
+    "The network to train: `build_model`, or (model 'diffusers') a diffusers folder's, through the bridge."
+    if cfg.model != 'diffusers': return build_model(cfg.model, **_model_options(cfg, ds))
+    from nag_toolkit.bridge import diffusers_net
+    return diffusers_net(**cfg.model_options)
+
 def _finetune_init(model, cfg)->int:
     "Load fine-tuning weights (a checkpoint's EMA, or official DiT/SiT weights); return their null-t steps."
+    if cfg.model == 'diffusers': return model.null_t_steps or 0        # a diffusers folder: loaded when built
     src = Path(cfg.finetune_from)
     if not src.is_dir(): load_pretrained(src, model=model); return 0       # official weights: no null-t token
     model.load_state_dict((ck := load_checkpoint(src))['ema'] or ck['model'])
@@ -250,7 +260,7 @@ def setup(cfg:TrainConfig, held:contextlib.ExitStack|None=None)->dict:
     if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ds = get_dataset(cfg.dataset, **cfg.dataset_options)
     torch.manual_seed(cfg.seed)                       # the initial weights follow the seed too
-    model = build_model(cfg.model, **_model_options(cfg, ds))
+    model = _build(cfg, ds)
     _check_fit(model, ds, cfg)
     pred = check_choice('pred', cfg.pred or model.pred, PRED_KINDS)
     trained_null_t = _finetune_init(model, cfg) if cfg.finetune_from else 0
@@ -335,14 +345,17 @@ def train_step(run:dict, net, batch:dict)->dict:
 
 # %% ../nbs/09_train.ipynb #f3fd4813
 class StopFlag:
-    "Set by SIGTERM/SIGUSR1 while installed; the loop checks it after each step."
+    "Set by SIGTERM/SIGUSR1 or a first Ctrl-C (SIGINT) while installed; the loop checks it after each step."
     def __init__(self): self.signal, self._old = None, {}
     def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try: self._old[s] = signal.signal(s, self._handle)
             except ValueError: pass   # not the main thread: no handler
         return self
-    def _handle(self, signum, frame): self.signal = signal.Signals(signum).name
+    def _handle(self, signum, frame):
+        # a second Ctrl-C before the stop: at once (the checkpoint being written, if any, is held until done)
+        if signum == signal.SIGINT and self.signal == 'SIGINT': raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
     def __exit__(self, *exc):
         for s, h in self._old.items(): signal.signal(s, h)
 
@@ -364,13 +377,18 @@ def _checkpoint(run:dict):
                         state={'config': asdict(cfg), 'skipped': run['skipped'], 'pred': run['pred'],
                                'model_config': run['model'].config,
                                'null_t_steps': run['null_t_steps']})    # steps that trained the null-t token
+        if cfg.model == 'diffusers':                   # the EMA weights as a diffusers folder too, out/diffusers
+            from nag_toolkit.bridge import export_diffusers
+            export_diffusers(run['ema'], Path(cfg.out) / 'diffusers', run['null_t_steps'])
     if run['world'] > 1: dist.barrier()
+    run['saved'] = run['step']
 
 def _log(run:dict, row:dict):
     "Append one row to out/metrics.csv (rank 0), and to TensorBoard where it is installed."
     f = Path(run['cfg'].out) / 'metrics.csv'
     new = not f.exists()
-    with open(f, 'a', newline='') as fh:
+    # a full disk: one line (a half row is trimmed when the run resumes)
+    with writing(f, lambda: checkpoint_kept(run['cfg'].out)), open(f, 'a', newline='') as fh:
         w = csv.DictWriter(fh, fieldnames=list(row)); new and w.writeheader(); w.writerow(row)
     if 'tb' not in run:
         try:
@@ -399,7 +417,26 @@ def train(cfg:TrainConfig|dict)->dict:
         return _train(run)
 
 def _train(run:dict)->dict:
-    "The training loop of a set-up run: steps, logs, checkpoints, and a clean stop on SIGTERM/SIGUSR1."
+    "Train a set-up run; on SIGTERM/SIGUSR1 checkpoint and return, on Ctrl-C checkpoint and raise `Interrupted`."
+    run.setdefault('saved', run['step'] if run['step'] else None)     # the step of the newest checkpoint
+    try: stopped = _steps(run)
+    except KeyboardInterrupt: raise Interrupted(_interrupted(run)) from None    # a second Ctrl-C: stopped at once
+    if stopped == 'SIGINT': raise Interrupted(_interrupted(run))
+    if stopped and run['rank'] == 0:
+        print(f"received {stopped}: checkpointed at step {run['step']} in {run['cfg'].out}; "
+              "run the same command again to resume")
+    return {'step': run['step'], 'stopped': stopped, 'skipped': run['skipped'], 'run': run}
+
+def _interrupted(run:dict)->str:
+    "The one line of a run stopped by Ctrl-C: where it stopped and what was saved."
+    if run['saved'] == run['step']:
+        return f"interrupted at step {run['step']}; checkpoint saved; the same command resumes"
+    last = 'none' if run['saved'] is None else f"step {run['saved']}"
+    return (f"interrupted at step {run['step']} before its checkpoint was written; the last checkpoint ({last}) "
+            "stays latest; the same command resumes from it")
+
+def _steps(run:dict)->str|None:
+    "The loop: steps, logs and checkpoints; the last checkpoint too. Returns the signal that stopped it, if any."
     cfg, stopped = run['cfg'], None
     net = _net(run)
     bar = progress(total=cfg.steps, initial=run['step'], disable=run['rank'] != 0, desc='train')
@@ -419,12 +456,10 @@ def _train(run:dict)->dict:
             if _agree(flag.signal is not None, run, run['device']): stopped = flag.signal or 'signal'; break
             if run['step'] % cfg.ckpt_every == 0: _checkpoint(run)
             t0 = time.perf_counter()
-    bar.close()
-    if run['step'] % cfg.ckpt_every or stopped: _checkpoint(run)
-    if stopped and run['rank'] == 0:
-        print(f"received {stopped}: checkpointed at step {run['step']} in {cfg.out}; "
-              "run the same command again to resume")
-    return {'step': run['step'], 'stopped': stopped, 'skipped': run['skipped'], 'run': run}
+        bar.close()
+        # the last steps, or the stop, checkpointed (a Ctrl-C during it waits, then counts as a stop)
+        if run['step'] != run['saved']: _checkpoint(run)
+        return stopped or flag.signal
 
 # %% ../nbs/09_train.ipynb #4eb5cc82
 @torch.no_grad()
@@ -461,9 +496,12 @@ def oracle_gap(model, gm, path, pred:str, t_bins:int=10, n_per_bin:int=256, t_mi
 def load_trained(path, # a run folder or one checkpoint folder
                  which:str='ema', # 'ema' or 'model'
                  device='cpu'):
-    "The trained denoiser of a run (eval mode) and the checkpoint's JSON state."
+    "The trained denoiser of a run or a diffusers folder (eval mode) and the checkpoint's JSON state."
+    from nag_toolkit.bridge import is_diffusers_folder, load_trained_diffusers, net_from_config
+    if is_diffusers_folder(path): return load_trained_diffusers(path, device)
     ck = load_checkpoint(path)
-    model = build_model(**ck['state']['model_config'])
+    mc = ck['state']['model_config']
+    model = net_from_config(mc) if mc['name'] == 'diffusers' else build_model(**mc)
     model.load_state_dict(ck[check_choice('which', which, ('ema', 'model'))] or ck['model'])
     model.null_t_steps = null_t_steps(ck['state'])                      # 0: NAG through the null-t token is refused
     return model.to(device).eval(), ck['state']

@@ -96,6 +96,7 @@ def test_a_read_only_output_is_one_line_for_every_command(run, tmp_path):
               'is not writable (Read-only file system)'
         assert (code, err) == (2, f"error: out={str(out)!r} {why}; allowed: a folder that can be created and written\n"), name
     assert list(ro.iterdir()) == []
+    _record('A read-only output folder', 'every command', res['train in'][1], 'nothing is written', tmp_path)
 
 # ---- numbers
 
@@ -146,6 +147,8 @@ def test_a_second_writer_is_refused_naming_the_holder(fork, run, tmp_path, capsy
             assert (code, err) == (2, f"error: out={str(out)!r} is in use by pid {holder.pid} on host {socket.gethostname()} (since {since}); "
                                       "allowed: wait for that run to end, or another out\n"), cmd
             assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME], cmd    # nothing written
+        _record('A second writer on the same folder', 'train, sample, study, sweep', err.replace(since, 'SINCE')
+                .replace(str(holder.pid), 'PID').replace(socket.gethostname(), 'HOST'), 'the first run, untouched', tmp_path)
     finally: holder.kill(); holder.join()
 
 def test_a_dead_holders_lock_is_taken_over_with_a_warning(tmp_path, capsys):
@@ -171,6 +174,8 @@ def test_a_damaged_checkpoint_falls_back_then_fails_on_one_line(tmp_path, capsys
     code, _, err = _cli(['train', '--out', b, *args, '--steps', '12'], capsys)
     assert code == 0 and err.startswith(f"warning: checkpoint {newest} is damaged or truncated (its size or SHA-256 differs "
                                         "from state.json); using the previous intact one, step_00000004\n")
+    _record('A damaged newest checkpoint', 'train (resume)', err, 'the previous intact checkpoint, used with a warning; '
+            'the resumed run equals a straight one', tmp_path)
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     for part in ('model', 'ema'): assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
     for d in (b / 'checkpoints').glob('step_*'): (d / 'optim.safetensors').write_bytes(b'')   # every checkpoint damaged
@@ -180,6 +185,7 @@ def test_a_damaged_checkpoint_falls_back_then_fails_on_one_line(tmp_path, capsys
     code, _, err = _cli(['sample', '--checkpoint', one, '--out', tmp_path / 's', '--num-samples', '2', '--steps', '2'], capsys)
     assert (code, err) == (2, f"error: checkpoint {one / 'optim.safetensors'} is damaged or truncated (its size or SHA-256 differs "
                               "from state.json); allowed: an intact checkpoint (or its run folder)\n")
+    _record('A damaged checkpoint given to sample', 'sample', err, 'nothing is written', tmp_path)
 
 def test_resume_redoes_damaged_truncated_and_unrecorded_shards(run, tmp_path, capsys):
     args = ['sample', '--checkpoint', run, '--out', tmp_path, '--num-samples', '10', '--shard-size', '2', '--steps', '2']
@@ -195,6 +201,9 @@ def test_resume_redoes_damaged_truncated_and_unrecorded_shards(run, tmp_path, ca
         assert f"\rwarning: {tmp_path / f'shard_00000{k}.npz'} is damaged or truncated (its size or SHA-256 differs " \
                f"from shard_00000{k}.json); writing it again\n" in err
     assert {p.name: p.read_bytes() for p in tmp_path.glob('shard_*.npz')} == ref
+    seen = next(l.rsplit('\r', 1)[-1] for l in err.splitlines() if 'shard_000000.npz' in l)    # as asserted above
+    _record('Damaged, truncated or unrecorded sample shards', 'sample (rerun)', seen, 'every intact shard; the damaged '
+            'ones are written again, identical', tmp_path)
 
 # ---- kill -9 at random moments, then the same command again
 
@@ -261,6 +270,9 @@ def test_training_killed_at_random_moments_resumes_bit_identical(fork, tmp_path)
         assert _log_rows(out) == ref_log, (kind, seen)                           # the log: each step once, no half rows
         assert not list((out / 'checkpoints').glob('.step_*')) and (out / LOCK_NAME).read_text() == ''
     print(seen); _check_kills(seen)
+    _record('kill -9 during training (random moments, and inside a checkpoint write)', 'train', '(the process dies; '
+            'nothing is printed)', 'the last complete checkpoint; the same command resumes bit-identical, each log '
+            'row once')
 
 def test_sharded_sampling_killed_at_random_moments_ends_with_the_same_shards(fork, run, tmp_path):
     argv = lambda out: ['sample', '--checkpoint', run, '--out', out, '--num-samples', '24', '--shard-size', '2', '--steps', '3', '--batch-size', '2']
@@ -280,6 +292,8 @@ def test_sharded_sampling_killed_at_random_moments_ends_with_the_same_shards(for
         assert files(out) == ref, (kind, seen)
         assert all(shard_done(out / f'shard_{k:06d}.npz', 2) for k in range(12)) and not list(out.glob('*.tmp*'))
     print(seen); _check_kills(seen)
+    _record('kill -9 during sharded sampling', 'sample', '(the process dies; nothing is printed)', 'every finished '
+            'shard; the same command writes the rest, identical to a straight run')
 
 # ---- logs
 
@@ -289,3 +303,302 @@ def test_progress_bars_in_a_log_redraw_every_few_seconds(tmp_path, capsys):
     code, _, err = _cli(['train', '--out', tmp_path, *TRAIN, '--steps', '200', '--log-every', '1', '--ckpt-every', '1000'], capsys)
     redraws_allowed = 3 + (time.perf_counter() - t0) / 5                 # the first, the last, and one per 5 s
     assert code == 0 and 'train: 100%' in err and err.count('\r') <= redraws_allowed, err.count('\r')
+
+# ---- the reliability chapter's table (nbs/15e_reliability.ipynb shows it)
+
+FAULTS = Path(__file__).resolve().parent.parent / 'nbs' / 'reliability_faults.json'
+
+def _record(fault:str, command:str, sees:str, kept:str, tmp:Path|None=None):
+    "Add or refresh one row of the chapter's table: the fault tried, the command, what the user sees, what is kept."
+    if tmp is not None: sees = sees.replace(str(tmp), 'OUT')            # no temporary paths in the docs
+    # the lines a user reads, without progress bars; an interrupt's counts depend on when it came: N
+    lines = [l for part in sees.splitlines() for l in part.split('\r') if l.strip() and not BAR.match(l)]
+    sees = '\n'.join(re.sub(r'\d+', 'N', l) if l.startswith('interrupted') else l for l in lines)
+    rows = json.loads(FAULTS.read_text()) if FAULTS.exists() else {}
+    rows[fault] = {'command': command, 'sees': sees.strip(), 'kept': kept}
+    FAULTS.write_text(json.dumps(rows, indent=1, sort_keys=True, ensure_ascii=False) + '\n')
+
+# ---- Ctrl-C through the real command line: a subprocess sent SIGINT once it has made progress
+
+import re, signal
+ROOT = Path(__file__).resolve().parent.parent
+BAR = re.compile(r'^[\w ()/.-]+: *\d+%\|')
+
+def _ctrl_c(argv:list, ready, env:dict|None=None, timeout:float=180)->tuple:
+    "Run `python -m nag_toolkit.cli argv`, send SIGINT once `ready()` holds; (exit status, stdout, stderr)."
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT), **(env or {})}
+    p = subprocess.Popen([sys.executable, '-m', 'nag_toolkit.cli', *map(str, argv)], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not ready() and p.poll() is None and time.time() < deadline: time.sleep(0.005)
+    assert p.poll() is None, f"it ended before it was interrupted: {p.communicate()}"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+def _one_line(err:str)->str:
+    "The one line stderr holds besides progress bars and Jupyter kernels' own notices (asserted: one, no traceback)."
+    lines = [l.rsplit('\r', 1)[-1] for l in err.splitlines()]
+    other = [l for l in lines if l.strip() and not BAR.match(l) and not l.startswith('[IPKernelApp]')]
+    assert len(other) == 1 and 'Traceback' not in err, err
+    return other[0]
+
+def _no_temps(d:Path)->list:
+    "Temporary files or folders left anywhere under `d`."
+    return [str(p) for p in d.rglob('*') if '.tmp' in p.name]
+
+def test_ctrl_c_in_training_checkpoints_and_the_resumed_run_is_bit_identical(fork, tmp_path):
+    argv = lambda out: ['train', '--out', out, *TRAIN, '--steps', '400', '--ckpt-every', '1000', '--log-every', '1']
+    assert _run(fork, argv(tmp_path / 'ref')) == 0
+    out = tmp_path / 'cut'
+    code, _, err = _ctrl_c(argv(out), lambda: (out / 'metrics.csv').exists())
+    line = _one_line(err)
+    step = int(re.fullmatch(r'interrupted at step (\d+); checkpoint saved; the same command resumes', line)[1])
+    assert code == 130 and 0 < step < 400
+    assert (out / 'checkpoints/latest').read_text() == f'step_{step:08d}' and load_checkpoint(out)['state']['step'] == step
+    assert not _no_temps(out) and (out / LOCK_NAME).read_text() == ''
+    _record('Ctrl-C during training', 'train', line, 'a checkpoint at the step reached; the same command resumes '
+            'and ends bit-identical to a straight run')
+    assert _run(fork, argv(out)) == 0                                            # the same command again
+    ref, got = _checkpoint_tensors(tmp_path / 'ref'), _checkpoint_tensors(out)
+    assert got['step'] == 400 and all(torch.equal(ref[k], got[k]) for k in ref if k != 'step')
+    assert _log_rows(out) == _log_rows(tmp_path / 'ref')
+
+def test_ctrl_c_in_estimator_training_checkpoints_and_resumes_bit_identical(tmp_path, capsys):
+    argv = lambda out: ['estimator', '--out', out, '--dataset', 'ring8', '--steps', '300', '--batch-size', '8',
+                        '--width', '16', '--depth', '1', '--bins', '10', '--log-every', '1', '--n-per-bin', '8',
+                        '--device', 'cpu']
+    assert _cli(argv(tmp_path / 'ref'), capsys)[0] == 0
+    out = tmp_path / 'cut'
+    code, _, err = _ctrl_c(argv(out), lambda: (out / 'metrics.csv').exists())
+    line = _one_line(err)
+    step = int(re.fullmatch(r'interrupted at step (\d+); checkpoint saved; the same command resumes', line)[1])
+    assert code == 130 and 0 < step < 300 and load_checkpoint(out)['state']['step'] == step
+    assert not (out / 'estimator.safetensors').exists() and not _no_temps(out)
+    _record('Ctrl-C during estimator training', 'estimator', line, 'a checkpoint at the step reached; the same '
+            'command resumes and ends bit-identical to a straight run')
+    assert _cli(argv(out), capsys)[0] == 0
+    a, b = (load_file(d / 'estimator.safetensors') for d in (tmp_path / 'ref', out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+def test_ctrl_c_in_sampling_keeps_the_finished_shards(fork, run, tmp_path):
+    argv = lambda out: ['sample', '--checkpoint', run, '--out', out, '--num-samples', '40', '--shard-size', '2',
+                        '--steps', '3', '--batch-size', '2']
+    assert _run(fork, argv(tmp_path / 'ref')) == 0
+    out = tmp_path / 'cut'
+    code, _, err = _ctrl_c(argv(out), lambda: (out / 'shard_000001.json').exists(),
+                           env={'NAG_TOOLKIT_FAULT_DELAY': '0.1'})           # each shard waits before its rename
+    line = _one_line(err)
+    m = re.fullmatch(rf"interrupted; the shard being drawn was not kept; (\d+) finished shard\(s\) kept in "
+                     rf"{re.escape(str(out))}; the same command resumes", line)
+    assert code == 130 and m and not _no_temps(out) and (out / LOCK_NAME).read_text() == ''
+    kept = [k for k in range(20) if shard_done(out / f'shard_{k:06d}.npz', 2)]
+    assert kept == list(range(int(m[1]))) and 2 <= len(kept) < 20
+    _record('Ctrl-C during sampling', 'sample', line, "every finished shard; the partial one's temporary file is "
+            'removed; the same command writes the rest, identical to a straight run', tmp_path)
+    assert _run(fork, argv(out)) == 0
+    files = lambda d: {p.name: p.read_bytes() for p in sorted(d.glob('shard_*.npz'))}
+    assert files(out) == files(tmp_path / 'ref')
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    "A tiny VAE (diffusers' AutoencoderKL, random weights) and a folder of 24 random 16x16 images in two classes."
+    from PIL import Image
+    from diffusers import AutoencoderKL
+    d = tmp_path_factory.mktemp('img')
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=('DownEncoderBlock2D',) * 2,
+                  up_block_types=('UpDecoderBlock2D',) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                  sample_size=16).save_pretrained(d / 'vae')
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (d / 'img' / f'c{i % 2}').mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / 'img' / f'c{i % 2}' / f'{i}.png')
+    return d
+
+def _latents_argv(images:Path, out:Path, root=None)->list:
+    return ['latents', '--dataset', 'folder', '--set', f'dataset_options.root={root or images / "img"}',
+            '--vae', images / 'vae', '--shard-size', '2', '--batch-size', '2', '--device', 'cpu', '--out', out]
+
+def test_ctrl_c_in_latents_keeps_the_finished_shards(images, tmp_path):
+    out = tmp_path / 'lat'
+    code, _, err = _ctrl_c(_latents_argv(images, out), lambda: (out / 'shard_00001.safetensors').exists(),
+                           env={'NAG_TOOLKIT_FAULT_DELAY': '0.1', 'DIFFUSERS_VERBOSITY': 'error'})  # no notices
+    line = _one_line(err)
+    m = re.fullmatch(rf"interrupted; the shard being encoded was not kept; (\d+) finished shard\(s\) kept in "
+                     rf"{re.escape(str(out))}; the same command resumes", line)
+    shards = sorted(p.name for p in out.iterdir())
+    assert code == 130 and m and shards == [f'shard_{k:05d}.safetensors' for k in range(int(m[1]))], (line, shards)
+    assert 2 <= int(m[1]) < 12
+    _record('Ctrl-C during latent extraction', 'latents', line, "every finished shard; the partial one's temporary "
+            'file is removed; the same command encodes the rest', tmp_path)
+    r = subprocess.run([sys.executable, '-m', 'nag_toolkit.cli', *map(str, _latents_argv(images, out))], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(ROOT)}, timeout=300)
+    assert r.returncode == 0 and f'wrote {12 - int(m[1])} shard(s), {m[1]} already finished, of 12' in r.stdout
+
+def test_ctrl_c_in_a_study_checkpoints_its_training(tmp_path):
+    out = tmp_path / 'study'
+    code, _, err = _ctrl_c(['study', '--quick', '--no-notebooks', '--out', out],
+                           lambda: (out / 'denoiser' / 'metrics.csv').exists())
+    line = _one_line(err)
+    step = int(re.fullmatch(r'interrupted at step (\d+); checkpoint saved; the same command resumes', line)[1])
+    assert code == 130 and load_checkpoint(out / 'denoiser')['state']['step'] == step
+    assert not _no_temps(out) and (out / LOCK_NAME).read_text() == ''
+    _record('Ctrl-C during a study', 'study', line, "the stage in flight's checkpoint and every finished stage; "
+            'the same command resumes')
+
+def test_ctrl_c_in_a_sweep_keeps_the_finished_runs(tmp_path):
+    """Papermill kernels take seconds each to start; the runs in flight stop with the command (none finishes later)."""
+    grid = tmp_path / 'grid.yaml'
+    grid.write_text(yaml.safe_dump({'notebook': str(TOY), 'grid': {'a': [1.0, 2.0, 3.0, 4.0]}}))
+    out = tmp_path / 'sw'
+    code, _, err = _ctrl_c(['sweep', grid, '--out', out], lambda: any((out / 'runs').glob('*/done')))
+    line = _one_line(err)
+    m = re.fullmatch(rf"interrupted; (\d) finished run\(s\) of 4 kept in {re.escape(str(out / 'runs'))} "
+                     r"\(results.csv\); the same command runs the rest", line)
+    assert code == 130 and m and 1 <= int(m[1]) < 4, line
+    import pandas as pd
+    assert len(pd.read_csv(out / 'results.csv')) == int(m[1]) and not _no_temps(out)
+    time.sleep(3)
+    assert len(list((out / 'runs').glob('*/done'))) == int(m[1])               # nothing runs on behind its back
+    _record('Ctrl-C during a sweep', 'sweep', line, 'every finished run, tabled in results.csv; runs in flight are '
+            'stopped (their kernels shut down) and redone by the same command', tmp_path)
+
+# ---- a full disk, for real: a small tmpfs in a private mount namespace (unshare -rm), no mocks
+
+FULL_SCRIPT = '''
+import contextlib, io, json, subprocess, sys
+from pathlib import Path
+from nag_toolkit.cli import main
+cfg = json.loads(sys.argv[1]); d = Path(cfg['dir'])
+PAGE = 4096
+def cli(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+        try: main([str(a) for a in argv]); code = 0
+        except SystemExit as e: code = e.code
+    return [code, err.getvalue(), out.getvalue()]
+def mount(where, size):
+    where.mkdir(exist_ok=True)
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(where)], check=True)
+def grow(where): subprocess.run(['mount', '-o', 'remount,size=64m', str(where)], check=True)
+def pages(paths): return sum(-(-p.stat().st_size // PAGE) for p in paths if p.is_file())
+def temps(where): return [str(p) for p in where.rglob('*') if '.tmp' in p.name]
+res = {}
+mount(d / 'big', '64m')                                   # a roomy disk to measure what each write takes
+# 1. a checkpoint: room for one and a half
+train = lambda out: ['train', '--out', out, *cfg['train'], '--steps', '6', '--ckpt-every', '2']
+cli(train(d / 'big' / 'm'))
+ck = pages((d / 'big/m/checkpoints/step_00000006').iterdir())
+mount(d / 'ck', (ck + ck // 2 + 4) * PAGE)
+res['checkpoint'] = [cli(train(d / 'ck' / 'run')), (d / 'ck/run/checkpoints/latest').read_text(), temps(d / 'ck')]
+grow(d / 'ck')
+res['checkpoint_rerun'] = [cli(train(d / 'ck' / 'run')), (d / 'ck/run/checkpoints/latest').read_text(), temps(d / 'ck')]
+# 2. a sample shard: room for two and a half
+sample = lambda out: ['sample', '--checkpoint', cfg['run'], '--out', out, '--num-samples', '1000', '--shard-size', '200',
+                      '--steps', '2']
+cli(sample(d / 'big' / 's'))
+sh = pages([d / 'big/s/shard_000000.npz', d / 'big/s/shard_000000.json'])
+mount(d / 'sh', (2 + 2 * sh + sh // 2) * PAGE)
+res['shard'] = [cli(sample(d / 'sh' / 's')), sorted(p.name for p in (d / 'sh/s').iterdir()), temps(d / 'sh')]
+grow(d / 'sh')
+res['shard_rerun'] = [cli(sample(d / 'sh' / 's')), temps(d / 'sh'),
+                      all((d / 'sh/s' / p.name).read_bytes() == p.read_bytes() for p in (d / 'big/s').glob('shard_*.npz'))]
+# 3. a sweep's results.csv: room for the runs, not for the table
+sweep = lambda out: ['sweep', cfg['grid'], '--out', out]
+cli(sweep(d / 'big' / 'w'))
+runs = pages((d / 'big/w').rglob('*')) - pages([d / 'big/w/results.csv'])
+mount(d / 'sw', (runs + pages([d / 'big/w/results.csv']) // 2 + 8) * PAGE)
+res['results'] = [cli(sweep(d / 'sw' / 'w')), sorted(p.name for p in (d / 'sw/w').iterdir()), temps(d / 'sw')]
+grow(d / 'sw')
+res['results_rerun'] = [cli(sweep(d / 'sw' / 'w')), temps(d / 'sw'),
+                        (d / 'sw/w/results.csv').read_text() == (d / 'big/w/results.csv').read_text().replace(
+                            str(d / 'big/w'), str(d / 'sw/w'))]
+print(json.dumps(res))
+'''
+
+@pytest.mark.skipif(not _read_only_works(), reason='no user namespaces here (unshare -rm fails): a tmpfs cannot be '
+                                                   'mounted without root, and a mock would not be a full disk')
+def test_a_full_disk_ends_on_one_line_leaves_no_temporary_file_and_the_rerun_completes(run, tmp_path):
+    """A checkpoint, a sample shard and a sweep's results.csv each hit a full tmpfs: one line naming the file, the error
+    and what is kept; no temporary file; after the disk grows, the same command completes."""
+    grid = tmp_path / 'grid.yaml'
+    grid.write_text(yaml.safe_dump({'notebook': str(TOY), 'grid': {'a': [1.0, 2.0]}, 'parameters': {'label': 'x' * 60000}}))
+    cfg = {'dir': str(tmp_path), 'run': str(run), 'grid': str(grid),
+           'train': [*TRAIN[:4], '--set', 'model_options.width=256', '--set', 'model_options.depth=2', '--batch-size', '16']}
+    p = subprocess.run(['unshare', '-rm', sys.executable, '-c', FULL_SCRIPT, json.dumps(cfg)], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    (code, err, _), latest, temps = res['checkpoint']
+    run_dir = tmp_path / 'ck' / 'run'
+    assert (code, _one_line(err)) == (1, f"error: cannot write {run_dir}/checkpoints/step_00000004: No space left on "
+                                         "device (ENOSPC); the last good checkpoint step_00000002 stays latest; free "
+                                         "space (or fix the folder) and run the same command again to resume")
+    assert latest == 'step_00000002' and temps == []
+    _record('Full disk while writing a checkpoint', 'train', _one_line(err), 'the last good checkpoint (latest); its '
+            'temporary folder removed; the same command resumes once there is space', tmp_path)
+    (code, err, _), latest, temps = res['checkpoint_rerun']
+    assert (code, latest, temps) == (0, 'step_00000006', [])
+    (code, err, _), names, temps = res['shard']
+    s = tmp_path / 'sh' / 's'
+    assert (code, _one_line(err)) == (1, f"error: cannot write {s}/shard_000002.npz: No space left on device (ENOSPC); "
+                                         f"2 finished shard(s) kept in {s}; free space (or fix the folder) and run the "
+                                         "same command again to resume")
+    assert temps == [] and [n for n in names if n.startswith('shard_')] == [f'shard_00000{k}.{e}' for k in (0, 1)
+                                                                         for e in ('json', 'npz')]
+    _record('Full disk while writing a sample shard', 'sample', _one_line(err), 'every finished shard; the partial '
+            "one's temporary file removed; the same command writes the rest", tmp_path)
+    (code, _, out), temps, same = res['shard_rerun']
+    assert (code, temps, same) == (0, [], True) and 'wrote 3 shard(s), 2 already finished, of 5' in out
+    (code, err, _), names, temps = res['results']
+    w = tmp_path / 'sw' / 'w'
+    assert (code, _one_line(err)) == (1, f"error: cannot write {w}/results.csv: No space left on device (ENOSPC); "
+                                         f"2 finished run(s) kept in {w}/runs; free space (or fix the folder) and run "
+                                         "the same command again (finished runs are skipped)")
+    assert temps == [] and 'results.csv' not in names
+    _record("Full disk while writing a sweep's results.csv", 'sweep', _one_line(err), 'every finished run; no '
+            'temporary file; the same command skips the runs and writes the table', tmp_path)
+    (code, _, out), temps, same = res['results_rerun']
+    assert (code, temps, same) == (0, [], True) and '0 run, 2 already done, 0 failed' in out
+
+# ---- damaged inputs: one line naming the file, before any training step where the check is cheap
+
+def _latent_folder(d:Path)->Path:
+    "Two latent shards of 1-D latents (an MLP trains on them): a safetensors one and an .npy pair."
+    from nag_toolkit.data import save_latent_shard
+    g = torch.Generator().manual_seed(0)
+    save_latent_shard(d / 'shard_00000', torch.randn(40, 8, generator=g), torch.zeros(40, dtype=torch.long))
+    np.save(d / 'shard_00001.npy', torch.randn(40, 8, generator=g).numpy()); np.save(d / 'shard_00001_labels.npy', np.zeros(40, np.int64))
+    return d
+
+@pytest.mark.parametrize('damage', ['truncated safetensors', 'truncated npy', 'truncated labels', 'garbage header'])
+def test_a_damaged_latent_shard_is_named_on_one_line_before_any_step(damage, tmp_path, capsys):
+    d = _latent_folder(tmp_path / 'lat')
+    f = {'truncated safetensors': d / 'shard_00000.safetensors', 'truncated npy': d / 'shard_00001.npy',
+         'truncated labels': d / 'shard_00001_labels.npy', 'garbage header': d / 'shard_00000.safetensors'}[damage]
+    size = f.stat().st_size
+    f.write_bytes(f.read_bytes()[:size - 100] if damage != 'garbage header' else b'\xff' * 8 + f.read_bytes()[8:])
+    code, _, err = _cli(['train', '--out', tmp_path / 'run', '--dataset', 'latents', '--set', f'dataset_options.path={d}',
+                         '--steps', '2', '--batch-size', '4'], capsys)
+    want = (f"error: shard {f} is truncated: {size - 100} bytes, its header says {size}; allowed: a whole shard file "
+            "(copy it again, or remove it)\n" if damage != 'garbage header' else
+            f"error: shard {f} cannot be read (")
+    assert code == 2 and err.startswith(want) and err.count('\n') == 1, err
+    assert not (tmp_path / 'run' / 'checkpoints').exists()                       # no step was taken
+    _record(f'A {damage} latent shard' if damage != 'garbage header' else 'A latent shard with a damaged header',
+            'train', err, 'nothing is written; the run starts once the file is whole', tmp_path)
+
+def test_a_damaged_image_and_an_unreadable_yaml_are_named_on_one_line(images, tmp_path, capsys):
+    import shutil as sh
+    sh.copytree(images / 'img', tmp_path / 'img')
+    bad = tmp_path / 'img' / 'c1' / '5.png'
+    bad.write_bytes(bad.read_bytes()[:60])                                          # a partial copy
+    code, _, err = _cli(_latents_argv(images, tmp_path / 'lat', tmp_path / 'img'), capsys)
+    assert code == 2 and _one_line(err).startswith(f"error: image {bad} cannot be read (image file is truncated)"), err
+    _record('A truncated image', 'latents', _one_line(err), 'the finished shards; the same command resumes once the image is '
+            'whole or removed', tmp_path)
+    y = tmp_path / 'bad.yaml'; y.write_bytes(b'\xff\xfe\x00steps: 3')
+    code, _, err = _cli(['train', '--config', y, '--out', tmp_path / 'run'], capsys)
+    assert code == 2 and err.startswith(f"error: config={str(y)!r} cannot be read (") and err.count('\n') == 1, err
+    _record('A YAML file that is not text', 'train --config', err, 'nothing is written', tmp_path)
