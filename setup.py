@@ -30,6 +30,7 @@ extras = {
     'dev': dev_requirements,
     'latents': ['diffusers>=0.25', 'accelerate>=0.25'],   # VAE latents for ImageNet (AutoencoderKL)
     'bench': ['diffusers>=0.25'],                          # peer sampler loops for the benchmark
+    'diffusers': ['diffusers>=0.35'],                      # the bridge: from_diffusers, NoiseAwarenessGuidance (guiders)
     'browser': ['playwright>=1.40'],                       # real-browser tests (Debian chromium)
     'cluster': ['submitit>=1.5'],                          # SLURM sweeps
     'tensorboard': ['tensorboard>=2.12'],
