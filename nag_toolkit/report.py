@@ -488,7 +488,11 @@ def fig_pareto(res:pd.DataFrame, metric:str='fd'):
                             capsize=2, color=colour[m], label=f'{m}{", " + mo if mo else ""}')
         f = front[front.sampler == s]
         ax.scatter(f.nfe, f[metric], s=70, facecolors='none', edgecolors='k', lw=0.8, zorder=3)
-        ax.set(xscale='log', xlabel='NFE (network evaluations per sample)', ylabel=metric,
+        ax.set_xscale('log', base=2)
+        ax.set_xticks(sorted(set(d[d.sampler == s].nfe)))
+        ax.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter('%g'))
+        ax.xaxis.set_minor_locator(plt.matplotlib.ticker.NullLocator())
+        ax.set(xlabel='NFE (network evaluations per sample)', ylabel=metric,
                title=f'{SAMPLER_NAMES.get(s, s)}: {metric} against compute')
     axs[0, 0].legend(fontsize=6, ncol=1 + len(models) // 2)
     fig.tight_layout()
