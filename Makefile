@@ -4,7 +4,7 @@ PY ?= python3
 STAMP := .make/install.stamp
 KERNEL := nag-toolkit
 
-.PHONY: install demo test sync nbtest pytest docs docs-offline test-browser bench clean
+.PHONY: install demo digits-checkpoint test sync nbtest pytest docs docs-offline test-browser bench clean
 
 # The stamp alone is not trusted: a fresh Python environment under an old checkout reinstalls.
 install:
@@ -22,7 +22,18 @@ demo: install
 	$(PY) -m nag_toolkit.cli study --preset demo --out runs/demo
 	$(PY) -m nag_toolkit.cli study --preset digits-demo --out runs/demo/digits
 	$(PY) -m nag_toolkit.cli findings runs/demo runs/demo/digits --out findings/demo.md
+	cp runs/demo/hero.png findings/demo_hero.png
 	$(PY) tools/make_readme.py
+
+# The digits denoiser that ships in the package (nag_toolkit/assets/digits-denoiser), where `make demo`'s digits study
+# starts: the exact command that trained it (about 25 min on 2 CPU cores), then its EMA weights and JSON state copied
+# there with their digests (`ship_checkpoint`). The weights depend only on the options, not on the run's timing.
+DIGITS_RUN := runs/digits-checkpoint
+digits-checkpoint: install
+	OMP_NUM_THREADS=1 $(PY) -m nag_toolkit.cli train --dataset digits --model digits --path linear --steps 8000 \
+		--batch-size 128 --p-drop 0.1 --seed 0 --log-every 100 --ckpt-every 1000 --keep-checkpoints 0 --out $(DIGITS_RUN)
+	$(PY) -c "from nag_toolkit.checkpoint import ship_checkpoint; \
+		ship_checkpoint('$(DIGITS_RUN)', 'nag_toolkit/assets/digits-denoiser')"
 
 # The sync check: notebooks are clean and nbdev_export leaves the library unchanged.
 sync: install

@@ -4,7 +4,7 @@
 
 # %% ../nbs/15a_report.ipynb #f0ac9ecd
 from __future__ import annotations
-import json
+import json, re, textwrap
 from pathlib import Path
 import torch, pandas as pd
 import matplotlib.pyplot as plt
@@ -12,11 +12,12 @@ from .data import MIXTURES
 from .shift import plot_posterior_heatmap, plot_shift_curves, fit_error_scale, predicted_shift
 
 # %% auto #0
-__all__ = ['SHIFT_METHODS', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER', 'SAMPLER_NAMES', 'GUIDED', 'SIDES', 'MAP_GRID_METHODS',
-           'NAG_FAMILIES', 'fig_shift_vs_steps', 'fig_heatmaps', 'fig_shift_curves', 'fig_samplers', 'fig_metrics_vs_w',
-           'fig_statement1', 'verdict', 'fmt', 'sweep_rows', 'headline', 'md_table', 'claim', 'findings', 'findings_md',
-           'fig_sample_grid', 'write_report', 'fig_where_nag_helps', 'map_findings', 'map_conclusions',
-           'map_sample_grids', 'pareto_front', 'pareto_conclusions', 'fig_pareto', 'collect_findings']
+__all__ = ['SHIFT_METHODS', 'HEADLINE', 'HEADLINE_IMAGES', 'BETTER', 'SAMPLER_NAMES', 'GUIDED', 'VERDICT_COLOURS', 'SIDES',
+           'MAP_GRID_METHODS', 'NAG_FAMILIES', 'fig_shift_vs_steps', 'fig_heatmaps', 'fig_hero', 'fig_shift_curves',
+           'fig_samplers', 'fig_metrics_vs_w', 'fig_statement1', 'verdict', 'fmt', 'sweep_rows', 'headline', 'md_table',
+           'claim', 'findings', 'findings_md', 'verdict_table', 'html_table', 'fig_sample_grid', 'write_report',
+           'fig_where_nag_helps', 'map_findings', 'map_conclusions', 'map_sample_grids', 'pareto_front',
+           'pareto_conclusions', 'fig_pareto', 'map_summary', 'map_tables', 'map_md', 'collect_findings']
 
 # %% ../nbs/15a_report.ipynb #e2498ebe
 # the methods whose shift is read at every step count, up to 250 (`study_methods` names)
@@ -53,6 +54,25 @@ def fig_heatmaps(heat:dict, sh:pd.DataFrame, steps:int):
         grid = (torch.linspace(0.0025, 0.9975, heat[k].shape[1]) if k[3] == 'exact'
                 else torch.linspace(0.005, 0.995, heat[k].shape[1]))
         plot_posterior_heatmap(heat[k], list(d.t), grid, f'{k[0]}, {k[2]} steps, {k[3]} posterior', ax=ax)
+    fig.tight_layout()
+    return fig
+
+def fig_hero(heat:dict, sh:pd.DataFrame, steps:int):
+    ("The figure a newcomer sees first: the posterior over t of Euler's states against the schedule, without and "
+     "with classifier-free NAG (w = 1), and the excess shift of each along sampling, with intervals.")
+    post = _primary(sh)
+    keys = [k for k in (('none', 'euler', steps, post), ('cf-NAG w=1', 'euler', steps, post)) if k in heat]
+    fig, axs = plt.subplots(1, len(keys) + 1, figsize=(4.4 * (len(keys) + 1), 3.5), squeeze=False)
+    for ax, k in zip(axs[0], keys):
+        d = sh[(sh.method == k[0]) & (sh.sampler == 'euler') & (sh.steps == steps) & (sh.posterior == post)]
+        grid = (torch.linspace(0.0025, 0.9975, heat[k].shape[1]) if post == 'exact'
+                else torch.linspace(0.005, 0.995, heat[k].shape[1]))
+        plot_posterior_heatmap(heat[k], list(d.t), grid, f'{k[0]}: p(t | x) along {steps} Euler steps', ax=ax)
+        ax.plot(d.post_mean, range(1, len(d) + 1), 'wo', ms=3, label='E[t | x]')
+        ax.legend(loc='lower right', fontsize=7)
+    d = sh[sh.method.isin([k[0] for k in keys]) & (sh.sampler == 'euler') & (sh.steps == steps) & (sh.posterior == post)]
+    plot_shift_curves(d, by='method', value='excess_shift', ax=axs[0, -1],
+                      title='excess shift: sampler states minus forward states')
     fig.tight_layout()
     return fig
 
@@ -175,9 +195,9 @@ def claim(res:pd.DataFrame, method:str, sampler:str, steps:int, metric:str)->dic
         # at equal compute: against no guidance run with as many network evaluations
         e = [float(r[f'nfe_delta_{metric}{s}']) for s in ('', '_lo', '_hi')]
         c.update(nfe=float(r.nfe), nfe_base=float(r.nfe_base), nfe_delta=e[0], nfe_delta_lo=e[1], nfe_delta_hi=e[2],
-                 nfe_verdict=verdict(metric, *e[1:]))
+                 nfe_verdict=verdict(metric, *e[1:]), nfe_own=float(r.nfe_base) != float(b.nfe))
         # said in the text for the main metric, where it is a comparison of its own (the method costs more)
-        if c['nfe_base'] != float(b.nfe) and metric in ('fd', 'fid'):
+        if c['nfe_own'] and metric in ('fd', 'fid'):
             c['text'] += (f"; at equal NFE ({c['nfe']:g} vs {c['nfe_base']:g}) "
                           f"{fmt(*e, '+')}: {c['nfe_verdict']}")
     return c
@@ -231,6 +251,43 @@ def findings_md(groups:list, dataset:str, only_headline:bool=False)->str:
                      + '; '.join(c['text'] for c in g['claims']) + '.')
     return '\n'.join(lines)
 
+# %% ../nbs/15a_report.ipynb #2124187e
+def verdict_table(groups:list, # the claims (`findings`)
+                  only_headline:bool=False)->pd.DataFrame: # the headline groups only
+    "Per method (rows) and cell (columns): the main metric's change against no guidance at equal steps and NFE."
+    rows, metric, cells = {}, None, []
+    for g in groups:
+        if only_headline and not g['headline']: continue
+        c = g['claims'][0]
+        metric, cell = c['metric'], f"{SAMPLER_NAMES.get(g['sampler'], g['sampler'])} {g['steps']}"
+        cells += [cell] if cell not in cells else []
+        r = rows.setdefault('the floor' if g['method'] == 'floor' else g['method'], {})
+        said = c['verdict'].replace('no guidance ', '')                 # the floor's: 'above the floor', ...
+        r[f'{cell}: equal steps'] = f"{fmt(c['delta'], c['delta_lo'], c['delta_hi'], '+')} {said}"
+        if g['method'] == 'floor': continue
+        if c.get('nfe_own'):
+            nfe = f"{c['nfe']:g}" + (f" vs {c['nfe_base']:g}" if c['nfe_base'] != c['nfe'] else '')
+            r[f'{cell}: equal NFE'] = (f"{fmt(c['nfe_delta'], c['nfe_delta_lo'], c['nfe_delta_hi'], '+')} "
+                                       f"{c['nfe_verdict']} (NFE {nfe})")
+        else: r[f'{cell}: equal NFE'] = 'same' if 'nfe_verdict' in c else 'n/a'
+    cols = [f'{cell}: {k}' for cell in cells for k in ('equal steps', 'equal NFE')]
+    df = pd.DataFrame.from_dict(rows, orient='index').reindex(columns=cols).fillna('')
+    df.index.name = f'change of {metric}' if metric else 'method'
+    return df
+
+VERDICT_COLOURS = {'better': '#cdebd0', 'worse': '#f4cccc', 'no difference': '#eeeeee', 'lower': '#dde7f5',
+                   'higher': '#f7e6cc', 'floor': '#eeeeee'}
+
+def html_table(df:pd.DataFrame)->str:
+    "An HTML table whose cells are coloured by the verdict they end with (or contain)."
+    def colour(v):
+        hit = next((c for k, c in VERDICT_COLOURS.items() if f' {k}' in f' {v}'), None)
+        return f' style="background:{hit}"' if hit else ''
+    head = ''.join(f'<th>{c}</th>' for c in [df.index.name or '', *df.columns])
+    body = ''.join('<tr><th>' + str(i) + '</th>' + ''.join(f'<td{colour(v)}>{v}</td>' for v in r) + '</tr>'
+                   for i, r in zip(df.index, df.values))
+    return f'<table class="verdicts"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
 # %% ../nbs/15a_report.ipynb #36486261
 def fig_sample_grid(grids:dict, methods:list, sampler:str, steps:int):
     "Images from the same starting noise, one row per method (the floor's row: held-out images)."
@@ -254,6 +311,8 @@ def _figures(cfg, res, sh, ev)->tuple:
     figs['pareto.png'] = fig_pareto(res, 'fd' if 'fd' in res else 'fid')
     figs['statement1.png'], s_e = fig_statement1(sh, cfg.path, k0)
     if ev is not None: figs['posterior_heatmaps.png'] = fig_heatmaps(ev['heat'], sh, k0)
+    if ev is not None and ('cf-NAG w=1', 'euler', k0, _primary(sh)) in ev['heat']:
+        figs['hero.png'] = fig_hero(ev['heat'], sh, k0)
     grids = torch.load(Path(cfg.out) / 'boots.pt', weights_only=True)['grids'] if cfg.dataset not in MIXTURES else {}
     names = list(_cell(res, cfg.samplers[0], k0).index)
     for s in cfg.samplers if grids else []:
@@ -269,7 +328,7 @@ def write_report(cfg, # the study's options (a `StudyConfig`)
     for name, fig in figs.items(): fig.savefig(out / name, dpi=110); plt.close(fig)
     groups = findings(res)
     (out / 'findings.json').write_text(json.dumps(groups, indent=1))
-    (out / 'findings.md').write_text(findings_md(groups, cfg.dataset) + '\n')
+    (out / 'findings.md').write_text(f'# Findings: {cfg.dataset}\n\n{md_table(verdict_table(groups))}\n')
     tables = {f'{SAMPLER_NAMES.get(s, s)}, {k} steps': (headline(res, s, k), headline(res, s, k, deltas=True))
               for s in cfg.samplers for k in cfg.steps}
     cal = pd.read_csv(out / 'estimator' / 'calibration.csv')
@@ -323,29 +382,37 @@ def _intro(cfg, gap)->str:
                                                                    k=cfg.sw2_proj) + ' '
             + _HOW.format(lvl=cfg.level, b=cfg.n_boot, seeds=seeds))
 
+_FILES = ("Files: `results.csv` (every run; each metric m with m_lo, m_hi, delta_m, delta_m_lo, delta_m_hi and, "
+          "at equal NFE, nfe_delta_m, nfe_delta_m_lo, nfe_delta_m_hi; nfe and seconds), `findings.json` (the claims "
+          "and the numbers they cite), `shift.csv`, `shift_by_tbin.csv`, `notebooks/` (the executed pipelines).")
+_VERDICTS = ("The main metric's paired change against no guidance (method minus no guidance, same starting noise) with "
+             "its {lvl:.0%} interval, at equal steps and at equal NFE (network evaluations per sample; 'same' where "
+             "the method costs one per step):")
+
 def _summary_md(cfg, groups, tables, figs, s_e, cal, gap, front)->str:
-    "The one-page Markdown summary: the findings first (generated from results.csv), then the tables and figures."
-    parts = [f"# Noise-shift study: {cfg.dataset}", '', _intro(cfg, gap), '', '## Findings', '',
-             findings_md(groups, cfg.dataset), '', '## Quality against compute', '', '![pareto](pareto.png)', '',
-             *[f'- {s}' for s in front], '']
+    "The one-page Markdown summary: the verdicts first, then quality against compute, the figures, the full tables."
+    wrap = lambda s: textwrap.fill(s, 118)
+    parts = [f"# Noise-shift study: {cfg.dataset}", '', wrap(_intro(cfg, gap)), '', '## Verdicts', '',
+             wrap(_VERDICTS.format(lvl=cfg.level)), '', md_table(verdict_table(groups)), '',
+             '## Quality against compute', '', '![pareto](pareto.png)', '', *[f'- {s}' for s in front], '',
+             '## Figures', ''] + [f'![{n}]({n})' for n in figs if n != 'pareto.png'] + ['', '## Every metric', '']
     for title, (t, d) in tables.items():
-        parts += [f'## {title}', '', md_table(t), '', 'Paired differences against no guidance:', '', md_table(d), '']
-    parts += ['## Figures', ''] + [f'![{n}]({n})' for n in figs] + [''] + _notes(cfg, s_e, cal, gap)
-    parts += ['', 'Files: `results.csv` (every run; each metric m with m_lo, m_hi, delta_m, delta_m_lo, delta_m_hi), '
-              '`findings.json` (the claims above and the numbers they cite), `shift.csv`, `shift_by_tbin.csv`, '
-              '`notebooks/` (the executed pipelines).']
+        parts += [f'### {title}', '', md_table(t), '', 'Paired differences against no guidance:', '', md_table(d), '']
+    parts += [wrap(n) for n in _notes(cfg, s_e, cal, gap) if n] + ['', wrap(_FILES)]
     return '\n'.join(parts) + '\n'
 
 def _summary_html(cfg, groups, tables, figs, s_e, cal, gap, front)->str:
     "The one-page HTML summary."
-    items = ''.join(f'<li>{l[2:]}</li>' for l in findings_md(groups, cfg.dataset).splitlines())
-    body = [f"<h1>Noise-shift study: {cfg.dataset}</h1>", f"<p>{_intro(cfg, gap)}</p>", '<h2>Findings</h2>',
-            f'<ul>{items}</ul>', '<h2>Quality against compute</h2>', '<img src="pareto.png" style="max-width:100%">',
-            '<ul>' + ''.join(f'<li>{s}</li>' for s in front) + '</ul>']
+    bold = lambda s: re.sub(r'\*\*(.+?)\*\*', r'<b>\1</b>', s)
+    body = [f"<h1>Noise-shift study: {cfg.dataset}</h1>", f"<p>{_intro(cfg, gap)}</p>", '<h2>Verdicts</h2>',
+            f'<p>{_VERDICTS.format(lvl=cfg.level)}</p>', html_table(verdict_table(groups)),
+            '<h2>Quality against compute</h2>', '<img src="pareto.png" style="max-width:100%">',
+            '<ul>' + ''.join(f'<li>{bold(s)}</li>' for s in front) + '</ul>']
+    body += ['<h2>Figures</h2>'] + [f'<img src="{n}" style="max-width:100%"><br>' for n in figs if n != 'pareto.png']
+    body += ['<h2>Every metric</h2>']
     for title, (t, d) in tables.items():
-        body += [f'<h2>{title}</h2>', t.to_html(), '<p>Paired differences against no guidance:</p>', d.to_html()]
-    body += ['<h2>Figures</h2>'] + [f'<img src="{n}" style="max-width:100%"><br>' for n in figs]
-    body += [f"<p>{' '.join(_notes(cfg, s_e, cal, gap))}</p>"]
+        body += [f'<h3>{title}</h3>', t.to_html(), '<p>Paired differences against no guidance:</p>', html_table(d)]
+    body += [f"<p>{' '.join(_notes(cfg, s_e, cal, gap))}</p>", f'<p>{_FILES}</p>']
     return ('<!doctype html><html><head><meta charset="utf-8"><title>nag_toolkit study</title></head><body>'
             + '\n'.join(body) + '</body></html>\n')
 
@@ -498,16 +565,70 @@ def fig_pareto(res:pd.DataFrame, metric:str='fd'):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/15a_report.ipynb #5d5d68b3
+_SHORT = {'better': 'better', 'worse': 'worse', 'no difference': '-', 'lower': 'lower', 'higher': 'higher', 'n/a': ''}
+
+def _verdicts(d:pd.DataFrame, metric:str, prefix:str='delta_')->list:
+    "The verdict of every row's paired change of `metric` (columns `prefix + metric`, `_lo`, `_hi`)."
+    return [verdict(metric, lo, hi) for lo, hi in zip(d[f'{prefix}{metric}_lo'], d[f'{prefix}{metric}_hi'])]
+
+def map_summary(m:pd.DataFrame, metric:str='fd')->pd.DataFrame:
+    "Per model and family: the cells where `metric` is better, worse or no different, at equal steps and at equal NFE."
+    d = sweep_rows(m)[lambda d: d.family != 'none']
+    d = d.assign(v=_verdicts(d, metric), e=_verdicts(d, metric, 'nfe_delta_') if f'nfe_delta_{metric}' in d else 'n/a')
+    count = lambda col, v: lambda g: int((g[col] == v).sum())
+    rows = []
+    for (mo, fa), g in d.groupby(['model', 'family'], sort=False):
+        rows.append({'model': mo, 'method': fa, 'cells': len(g),
+                     **{f'equal steps: {v}': count('v', v)(g) for v in ('better', 'worse', 'no difference')},
+                     **{f'equal NFE: {v}': count('e', v)(g) for v in ('better', 'worse', 'no difference')}})
+    return pd.DataFrame(rows).set_index('model')
+
+def map_tables(m:pd.DataFrame, metric:str='fd')->dict:
+    "Per (family, model): a table of verdicts, a row per sampler and steps, a column per w ('equal steps / equal NFE')."
+    d = sweep_rows(m)[lambda d: d.family != 'none']
+    d = d.assign(v=_verdicts(d, metric), e=_verdicts(d, metric, 'nfe_delta_') if f'nfe_delta_{metric}' in d else 'n/a')
+    # its own equal-NFE comparison: against a no-guidance run other than the one of its cell
+    none = sweep_rows(m)[lambda d: d.family == 'none'].set_index(['model', 'sampler', 'steps']).nfe
+    own = ([b != none.get((mo, s, k), b) for b, mo, s, k in zip(d.nfe_base, d.model, d.sampler, d.steps)]
+           if 'nfe_base' in d else [False] * len(d))
+    d = d.assign(cell=[_SHORT[v] + (f' / {_SHORT[e]}' if o else '') for v, e, o in zip(d.v, d.e, own)],
+                 row=[f'{SAMPLER_NAMES.get(s, s)} {k:g}' for s, k in zip(d.sampler, d.steps)])
+    out = {}
+    for (fa, mo), g in d.groupby(['family', 'model'], sort=False):
+        t = g.pivot_table(index='row', columns='w', values='cell', aggfunc='first', sort=False)
+        t.columns = [f'w={w:g}' for w in t.columns]
+        t.index.name = 'sampler, steps'
+        out[(fa, mo)] = t.fillna('')
+    return out
+
+# %% ../nbs/15a_report.ipynb #49eb74d9
+def map_md(m:pd.DataFrame, # the map (`map.csv`)
+           metric:str, dataset:str, level:float=0.95)->str:
+    "The map as Markdown: the counts, the figures, a table of verdicts per family and model, the conclusions."
+    wrap = lambda s: textwrap.fill(s, 118)
+    parts = [f'# Where NAG helps: {dataset}', '',
+             wrap(f'Cells (sampler x steps x w) where the paired change of {metric} against no guidance is better, '
+                  f'worse or no different ({level:.0%} intervals), at equal steps and at equal NFE:'), '',
+             md_table(map_summary(m, metric)), '', '![where NAG helps](where_nag_helps.png)', '',
+             '## Quality against compute', '', '![pareto](pareto.png)', '',
+             *[f'- {s}' for s in pareto_conclusions(m, metric)], '', '## Verdicts per method and model', '',
+             wrap('Each cell: the verdict at equal steps and, after the slash where the method costs more than one '
+                  'evaluation per step, at equal NFE; `-` is no difference.'), '']
+    for (fa, mo), t in map_tables(m, metric).items(): parts += [f'### {fa}, {mo}', '', md_table(t), '']
+    parts += ['## In words', '', *[f'- {c}' for c in map_conclusions(m, metric)]]
+    return '\n'.join(parts) + '\n'
+
 # %% ../nbs/15a_report.ipynb #6fd98e02
 def collect_findings(folders:list)->str:
-    "The headline findings of study folders as one Markdown list, each study introduced by what it ran."
+    "The headline verdicts of study folders as Markdown tables, each study introduced by what it ran."
     parts = []
     for f in map(Path, folders):
         cfg, groups = json.loads((f / 'config.json').read_text()), json.loads((f / 'findings.json').read_text())
         secs = json.loads((f / 'timing.json').read_text())['seconds'] if (f / 'timing.json').exists() else float('nan')
-        parts += [f"**`{cfg['dataset']}`**: denoiser trained {cfg['train_steps']} steps with noise-condition dropout "
-                  f"(p_drop {cfg['p_drop']}), {cfg['n_samples']} samples per run from the same noise, "
-                  f"{cfg['level']:.0%} bootstrap intervals ({cfg['n_boot']} resamples); ran in {secs:.0f} s; "
-                  f"full report: `{f}/summary.md`.", '',
-                  findings_md(groups, cfg['dataset'], only_headline=True), '']
+        intro = (f"**`{cfg['dataset']}`**: denoiser trained {cfg['train_steps']} steps with noise-condition dropout "
+                 f"(p_drop {cfg['p_drop']}), {cfg['n_samples']} samples per run from the same noise, "
+                 f"{cfg['level']:.0%} bootstrap intervals ({cfg['n_boot']} resamples); ran in {secs:.0f} s; "
+                 f"full report: `{f}/summary.md`.")
+        parts += [textwrap.fill(intro, 118), '', md_table(verdict_table(groups, only_headline=True)), '']
     return '\n'.join(parts)

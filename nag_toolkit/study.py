@@ -21,6 +21,7 @@ from .samplers import SAMPLERS, run_sampler, start_state, time_grid
 from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, exact_log_posterior, exact_t_mean,
                                   get_guider, parse_spec, network_rows)
 from .train import TrainConfig, train, training_report, load_trained
+from .checkpoint import load_checkpoint, checkpoint_source, shipped_checkpoints
 from .estimator import EstimatorConfig, run_estimator, load_estimator, forward_check
 from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table,
                                mixture_reference, dataset_reference, low_t_shift)
@@ -48,6 +49,9 @@ class StudyConfig:
     train_steps: int = 2000         # denoiser training (MLP, noise-condition dropout)
     batch_size: int = 256
     p_drop: float = 0.1
+    # start the denoiser from a checkpoint (a shipped one's name, or a run or checkpoint folder) and fine-tune it
+    # train_steps (lr 1e-5); None: train from scratch
+    init_from: str|None = None
     estimator_steps: int = 1000     # noise-level estimator training
     n_samples: int = 2000           # samples per sweep run
     n_shift: int = 256              # samples whose trajectories are read for the shift
@@ -92,16 +96,29 @@ def from_dict(cls:StudyConfig, d:dict)->StudyConfig:
     for n in cfg.models: check_range('models', n, 1)
     check_range('workers', cfg.workers, 1); check_choice('executor', cfg.executor, EXECUTORS)
     for spec in cfg.guidance: get_guider(spec)                   # names and options checked before any work
+    if cfg.init_from is not None: _check_init(cfg)
     return cfg
+
+def _check_init(cfg:StudyConfig):
+    "A one-line error unless `init_from` names an intact checkpoint of the study's model on the study's path."
+    allowed = f"a run or checkpoint folder of a {_model(cfg)!r} model on path {cfg.path!r}"
+    src = checkpoint_source(cfg.init_from, 'init_from', allowed)
+    try: st = load_checkpoint(src)['state']
+    except ConfigError as e: raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
+    have = (st['model_config']['name'], st['config']['path'])
+    if have != (_model(cfg), cfg.path):
+        raise ConfigError(f"init_from={cfg.init_from!r} holds a {have[0]!r} model on path {have[1]!r}; "
+                          f"allowed: {allowed}")
 
 # %% ../nbs/15_study.ipynb #a8878eb0
 def _model(cfg:StudyConfig)->str: return 'digits' if cfg.dataset == 'digits' else 'mlp'
 
 def stage_train(cfg:StudyConfig)->Path:
-    "Train the denoiser with noise-condition dropout in out/denoiser and write its report."
+    ("Train the denoiser with noise-condition dropout (from scratch, or fine-tuning `init_from`) in out/denoiser "
+     "and write its report.")
     out = Path(cfg.out) / 'denoiser'
     train(TrainConfig(dataset=cfg.dataset, model=_model(cfg), path=cfg.path, steps=cfg.train_steps,
-                      batch_size=cfg.batch_size, p_drop=cfg.p_drop, seed=cfg.seed,
+                      batch_size=cfg.batch_size, p_drop=cfg.p_drop, seed=cfg.seed, finetune_from=cfg.init_from,
                       log_every=max(1, cfg.train_steps // 40), ckpt_every=cfg.train_steps, out=str(out)))
     training_report(out, t_bins=10, n_per_bin=128)
     return out
@@ -375,7 +392,7 @@ def _notebook_plan(cfg:StudyConfig)->list:
                              'path': cfg.path, 'steps': cfg.train_steps, 'batch_size': cfg.batch_size,
                              'p_drop': cfg.p_drop,
                              'options': {'seed': cfg.seed, 'log_every': max(1, cfg.train_steps // 40),
-                                         'ckpt_every': cfg.train_steps}}),
+                                         'ckpt_every': cfg.train_steps, 'finetune_from': cfg.init_from}}),
             ('estimator.ipynb', {'study': d}), ('evaluate.ipynb', {'study': d})]
 
 def _run_notebooks(cfg:StudyConfig, kernel:str):
@@ -440,11 +457,16 @@ def write_timing(out:Path, seconds:float, notebooks:bool, reused:bool=False):
     t = {**old, 'rerun_seconds': seconds} if 'seconds' in old else {'seconds': seconds, 'notebooks': notebooks}
     f.write_text(json.dumps(t))
 
+def _start(init_from:str|None)->str|None:
+    "`init_from` as the stages read it from the study's folder: a shipped checkpoint's name, or an absolute path."
+    return init_from if init_from is None or init_from in shipped_checkpoints() else str(Path(init_from).resolve())
+
 def run_study(cfg:StudyConfig|dict)->Path:
     ("Run the whole study into `cfg.out` (with `seeds` > 1: one study per seed, pooled; with `models`: one per "
      "denoiser quality, and the map); returns summary.md (map.md with `models`).")
     cfg = StudyConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    cfg = dataclasses.replace(cfg, out=str(check_out_dir(cfg.out).resolve()))   # the notebooks run with it as cwd
+    # the notebooks run with the study's folder as cwd
+    cfg = dataclasses.replace(cfg, out=str(check_out_dir(cfg.out).resolve()), init_from=_start(cfg.init_from))
     out, t0 = Path(cfg.out), time.perf_counter()
     with RunLock(check_out_dir(out, create=True)):              # one study per folder
         kernel = _kernel() if cfg.notebooks else None
@@ -489,10 +511,11 @@ QUICK = {'train_steps': 150, 'estimator_steps': 150, 'n_samples': 400, 'n_shift'
 # family, the shift against steps up to 128
 DEMO = {'train_steps': 1000, 'estimator_steps': 400, 'n_samples': 1000, 'steps': [8], 'shift_steps': [8, 32, 128],
         'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0]}
-# the reduced digits study of `make demo`: no guidance against both NAGs at a few weights, two samplers, 8 steps
-DIGITS_DEMO = {'dataset': 'digits', 'train_steps': 300, 'batch_size': 128, 'estimator_steps': 200, 'n_samples': 400,
-               'n_shift': 128, 'steps': [8], 'shift_steps': [], 'samplers': ['euler', 'euler_maruyama'],
-               'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0], 'baselines': False}
+# the reduced digits study of `make demo`: no guidance against both NAGs at a few weights, two samplers, 8 steps; its
+# denoiser: the shipped digits checkpoint (8,000 steps), fine-tuned 100 steps with noise-condition dropout
+DIGITS_DEMO = {'dataset': 'digits', 'init_from': 'digits-denoiser', 'train_steps': 100, 'batch_size': 128,
+               'estimator_steps': 200, 'n_samples': 400, 'n_shift': 128, 'steps': [8], 'shift_steps': [],
+               'samplers': ['euler', 'euler_maruyama'], 'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0], 'baselines': False}
 # where NAG helps: w x steps x sampler, a weak and a strong denoiser (`models`: their training steps)
 FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'],
         'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0], 'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 600, 'shift_steps': [],
@@ -515,12 +538,7 @@ def run_models(cfg:StudyConfig)->Path:
     fig = fig_pareto(m, metric); fig.savefig(out / 'pareto.png', dpi=110); plt.close(fig)
     table = map_findings(m, metric)
     table.to_csv(out / 'map_verdicts.csv', index=False)
-    (out / 'map.md').write_text(f'# Where NAG helps: {cfg.dataset}\n\n![where NAG helps](where_nag_helps.png)\n\n'
-                                f'Verdicts on the paired change of {metric} against no guidance '
-                                f'({cfg.level:.0%} intervals):\n\n{md_table(table.set_index("model"))}\n\n'
-                                + '\n'.join(f'- {c}' for c in map_conclusions(m, metric)) + '\n\n'
-                                + f'## Quality against compute\n\n![pareto](pareto.png)\n\n'
-                                + '\n'.join(f'- {c}' for c in pareto_conclusions(m, metric)) + '\n')
+    (out / 'map.md').write_text(map_md(m, metric, cfg.dataset, cfg.level))
     for (s, k), fig in map_sample_grids(cfg, outs).items():
         fig.savefig(out / f'samples_{s}_{k}.png', dpi=110, bbox_inches='tight'); plt.close(fig)
     return out / 'map.md'
