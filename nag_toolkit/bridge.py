@@ -19,9 +19,9 @@ __all__ = ['BETA_SCHEDULES', 'PREDICTION_TYPES', 'TIME_EMBEDDERS', 'NULL_T_ATTR'
            'is_flow_scheduler', 'scheduler_path', 'scheduler_grid', 'NullTimeToken', 'null_t_token', 'time_embedders',
            'add_null_t', 'time_shift', 'set_time_shift', 'save_null_t', 'load_null_t', 'DiffusersNet',
            'net_from_config', 'from_diffusers', 'dit_to_diffusers_state_dict', 'diffusers_to_dit_state_dict',
-           'to_diffusers', 'to_toolkit_dit', 'is_diffusers_folder', 'diffusers_folders', 'load_diffusers',
-           'save_diffusers', 'finetune_config', 'diffusers_net', 'export_diffusers', 'load_trained_diffusers',
-           'NoiseAwarenessGuidance']
+           'to_diffusers', 'to_toolkit_dit', 'is_diffusers_folder', 'check_diffusers_folder', 'diffusers_folders',
+           'load_diffusers', 'save_diffusers', 'finetune_config', 'diffusers_net', 'export_diffusers',
+           'load_trained_diffusers', 'NoiseAwarenessGuidance']
 
 # %% ../nbs/07a_bridge.ipynb #1f34b49c
 BETA_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
@@ -432,6 +432,13 @@ def is_diffusers_folder(path)->bool:
     "Whether `path` is a diffusers model or pipeline folder (a `config.json` naming its class, or `model_index.json`)."
     p = Path(path)
     return p.is_dir() and ((p / 'model_index.json').is_file() or _class_name(p / 'config.json') is not None)
+
+def check_diffusers_folder(path):
+    "A one-line error for a folder holding diffusers weights without the config.json that says what they are."
+    p = Path(path)
+    if p.is_dir() and not is_diffusers_folder(p) and any(p.glob('diffusion_pytorch_model*')):
+        raise ConfigError(f"{str(p)!r} holds diffusers weights but no config.json naming their class (a partial "
+                          "copy?); allowed: a save_pretrained folder with its config.json")
 
 def diffusers_folders(path)->tuple:
     "(model folder, scheduler folder or None) of a diffusers model or pipeline folder."

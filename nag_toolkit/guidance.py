@@ -365,7 +365,7 @@ def interp_log_posterior(log_p, # log-probabilities over the grid, [N, G]
 
 def exact_log_posterior(gm:GaussianMixture, path, # the mixture and the path
                         grid=None): # the t grid (default 200 cell centres of [0, 1])
-    "`log_g(x, t)` of a mixture's exact `p(t | x)` on a grid, interpolated in t: classifier-based NAG's exact posterior."
+    "`log_g(x, t)` of a mixture's exact `p(t | x)` on a grid, interpolated in t (classifier-based NAG's exact one)."
     grid = torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64) if grid is None else grid
     path = get_interpolant(path)
     return lambda x, t: interp_log_posterior(torch.log_softmax(gm.log_prob_grid(x, grid, path), -1), grid, t)

@@ -70,7 +70,8 @@ def fig_hero(heat:dict, sh:pd.DataFrame, steps:int):
         plot_posterior_heatmap(heat[k], list(d.t), grid, f'{k[0]}: p(t | x) along {steps} Euler steps', ax=ax)
         ax.plot(d.post_mean, range(1, len(d) + 1), 'wo', ms=3, label='E[t | x]')
         ax.legend(loc='lower right', fontsize=7)
-    d = sh[sh.method.isin([k[0] for k in keys]) & (sh.sampler == 'euler') & (sh.steps == steps) & (sh.posterior == post)]
+    d = sh[sh.method.isin([k[0] for k in keys]) & (sh.sampler == 'euler') & (sh.steps == steps)
+           & (sh.posterior == post)]
     plot_shift_curves(d, by='method', value='excess_shift', ax=axs[0, -1],
                       title='excess shift: sampler states minus forward states')
     fig.tight_layout()
@@ -163,7 +164,8 @@ def headline(res:pd.DataFrame, sampler:str='euler', steps:int|None=None, deltas:
     if f'nfe_delta_{main}' in dd:              # the main metric against no guidance at equal NFE
         out[f'{main} at equal NFE'] = [
             'n/a' if r[0] != r[0] else f'{fmt(*r[:3], sign="+")} {verdict(main, *r[1:3])} (NFE {r[3]:g} vs {r[4]:g})'
-            for r in dd[[f'nfe_delta_{main}', f'nfe_delta_{main}_lo', f'nfe_delta_{main}_hi', 'nfe', 'nfe_base']].values]
+            for r in dd[[f'nfe_delta_{main}', f'nfe_delta_{main}_lo', f'nfe_delta_{main}_hi', 'nfe',
+                         'nfe_base']].values]
     return out
 
 def md_table(df:pd.DataFrame)->str:
