@@ -1,5 +1,5 @@
 """Write README.md from nbs/index.ipynb (executed), the way nbdev_readme does where Quarto is installed."""
-import re
+import os, re
 from pathlib import Path
 import nbformat
 from execnb.shell import CaptureShell
@@ -24,6 +24,7 @@ def render(nb_path):
     return re.sub(r'\n{3,}', '\n\n', md)
 
 if __name__ == '__main__':
+    os.environ['NAG_TOOLKIT_README'] = '1'          # cells that show a figure link it instead of embedding it
     root = Path(__file__).resolve().parent.parent
     (root / 'README.md').write_text(render(root / 'nbs' / 'index.ipynb'))
     print('wrote README.md')
