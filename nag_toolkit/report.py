@@ -512,6 +512,7 @@ NAG_FAMILIES = ('cf-NAG', 'cb-NAG')
 def _pareto_points(res:pd.DataFrame)->pd.DataFrame:
     "The learned methods' runs at the full sample size (no floor, no exact oracle), with a `model` column."
     d = res[(res.n_samples == res.n_samples.max()) & (res.family != 'floor') & ~res.family.str.startswith('exact')]
+    d = d.reset_index(drop=True)                       # one label per run (a map concatenates the models' tables)
     return d if 'model' in d else d.assign(model='')
 
 def _drawn(d:pd.DataFrame)->list:
@@ -546,7 +547,9 @@ def fig_pareto(res:pd.DataFrame, metric:str='fd'):
     samplers, models, methods = list(dict.fromkeys(d.sampler)), list(dict.fromkeys(d.model)), _drawn(d)
     colour = dict(zip(methods, plt.cm.tab10(range(len(methods)))))
     front = pareto_front(res, metric)
-    fig, axs = plt.subplots(1, len(samplers), figsize=(4.6 * len(samplers), 3.8), squeeze=False)
+    n_lines = len(methods) * len(models)
+    fig, axs = plt.subplots(1, len(samplers), figsize=(4.6 * len(samplers), 3.8 + 0.2 * -(-n_lines // 4)),
+                            squeeze=False)
     for ax, s in zip(axs[0], samplers):
         for mo, ls in zip(models, ['-', '--', ':', '-.'] * 4):
             for m in methods:
@@ -558,13 +561,16 @@ def fig_pareto(res:pd.DataFrame, metric:str='fd'):
         f = front[front.sampler == s]
         ax.scatter(f.nfe, f[metric], s=70, facecolors='none', edgecolors='k', lw=0.8, zorder=3)
         ax.set_xscale('log', base=2)
-        ax.set_xticks(sorted(set(d[d.sampler == s].nfe)))
+        ax.set_xticks([v for v in sorted(set(d[d.sampler == s].nfe)) if v > 0 and float(v).is_integer()
+                       and int(v) & (int(v) - 1) == 0])            # the powers of two among the NFEs
         ax.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter('%g'))
         ax.xaxis.set_minor_locator(plt.matplotlib.ticker.NullLocator())
         ax.set(xlabel='NFE (network evaluations per sample)', ylabel=metric,
                title=f'{SAMPLER_NAMES.get(s, s)}: {metric} against compute')
-    axs[0, 0].legend(fontsize=6, ncol=1 + len(models) // 2)
-    fig.tight_layout()
+    handles, labels = axs[0, 0].get_legend_handles_labels()
+    rows = -(-len(labels) // 4)                                   # one legend under the panels, four columns
+    fig.legend(handles, labels, loc='lower center', ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.045 * rows, 1, 1))
     return fig
 
 # %% ../nbs/15a_report.ipynb #5d5d68b3

@@ -11,16 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SITE = Path(os.environ.get('NAG_DOCS_SITE', ROOT / '_site_offline'))
 
-@pytest.fixture(scope='session')
-def site():
-    "Render the site (tools/render_docs.py) and return its manifest."
-    t0 = time.time()
-    r = subprocess.run([sys.executable, 'tools/render_docs.py', '--out', str(SITE)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=1500, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    print(f"\ndocs: {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''} (wall {time.time() - t0:.1f} s)")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return json.loads((SITE / 'manifest.json').read_text())
-
 CHECK_PAGE = """() => ({
   title: document.title,
   h1: (document.querySelector('main h1') || {}).innerText || '',
