@@ -48,6 +48,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['nag_toolkit', 'nag_toolkit.*']),
     include_package_data=True,
+    package_data={'nag_toolkit': ['assets/*/*.safetensors', 'assets/*/*.json']},   # the shipped checkpoints
     install_requires=requirements,
     extras_require=extras,
     python_requires='>=' + cfg['min_python'],

@@ -12,7 +12,8 @@ from .core import ConfigError, file_digest, digest_ok, fault_point, warn, _alive
 from .core import writing, hold_interrupts
 
 # %% auto #0
-__all__ = ['PICKLE_SUFFIXES', 'save_checkpoint', 'checkpoint_kept', 'latest_checkpoint', 'checkpoint_damage', 'load_checkpoint']
+__all__ = ['PICKLE_SUFFIXES', 'SHIPPED', 'save_checkpoint', 'checkpoint_kept', 'latest_checkpoint', 'checkpoint_damage',
+           'load_checkpoint', 'shipped_checkpoints', 'checkpoint_source', 'ship_checkpoint']
 
 # %% ../nbs/15b_checkpoint.ipynb #c910db61
 def _fsync_dir(path:Path):
@@ -168,3 +169,31 @@ def load_checkpoint(path, # a run folder, its checkpoints folder, or one checkpo
     opt = read('optim.safetensors')
     return {'path': d, 'model': read('model.safetensors'), 'ema': read('ema.safetensors'), 'state': state,
             'optimizer': None if state.get('optimizer') is None else _unflat_optimizer(opt or {}, state['optimizer'])}
+
+# %% ../nbs/15b_checkpoint.ipynb #a4154afc
+import nag_toolkit
+SHIPPED = Path(nag_toolkit.__file__).resolve().parent / 'assets'    # the checkpoints that ship with the package
+
+def shipped_checkpoints()->list:
+    "The names of the checkpoints that ship inside the package (the folders of `SHIPPED` with a state.json)."
+    return sorted(p.parent.name for p in SHIPPED.glob('*/state.json'))
+
+def checkpoint_source(src, # a shipped checkpoint's name, or a path
+                      name:str='checkpoint', # the option that gave it, for the error
+                      allowed:str='a run or checkpoint folder')->Path: # what else the option takes, for the error
+    "The folder of shipped checkpoint `src`, or `src` itself where it exists; else a one-line error."
+    if str(src) in shipped_checkpoints(): return SHIPPED / str(src)
+    if Path(src).exists(): return Path(src)
+    raise ConfigError(f"{name}={str(src)!r} does not exist; allowed: {allowed}, or a shipped checkpoint "
+                      f"({', '.join(shipped_checkpoints()) or 'none installed'})")
+
+def ship_checkpoint(src, # a run folder (its newest intact checkpoint) or one checkpoint folder
+                    dest)->Path: # the folder to write
+    "Write checkpoint `src` as it ships, in `dest`: its EMA weights and JSON state with their digests, no optimizer."
+    ck, dest = load_checkpoint(src), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ('model.safetensors', 'optim.safetensors'): (dest / f).unlink(missing_ok=True)   # an older copy's
+    save_file(ck['ema'] or ck['model'], dest / 'ema.safetensors')
+    files = {'ema.safetensors': file_digest(dest / 'ema.safetensors')}
+    _write_json(dest / 'state.json', {**ck['state'], 'optimizer': None, 'files': files})
+    return dest

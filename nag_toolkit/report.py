@@ -380,6 +380,8 @@ def _notes(cfg, s_e, cal, gap)->list:
 
 def _intro(cfg, gap)->str:
     seeds = f'; {cfg.seeds} independently trained denoisers and estimators, pooled' if cfg.seeds > 1 else ''
+    start = getattr(cfg, 'init_from', None)
+    if start: seeds += f'; the denoiser started from `{Path(start).name}`, fine-tuned {cfg.train_steps} steps'
     return ((_INTRO if gap is not None else _INTRO_IMAGES).format(ds=cfg.dataset, p=cfg.p_drop, path=cfg.path,
                                                                    k=cfg.sw2_proj) + ' '
             + _HOW.format(lvl=cfg.level, b=cfg.n_boot, seeds=seeds))
@@ -634,7 +636,9 @@ def collect_findings(folders:list)->str:
     for f in map(Path, folders):
         cfg, groups = json.loads((f / 'config.json').read_text()), json.loads((f / 'findings.json').read_text())
         secs = json.loads((f / 'timing.json').read_text())['seconds'] if (f / 'timing.json').exists() else float('nan')
-        intro = (f"**`{cfg['dataset']}`**: denoiser trained {cfg['train_steps']} steps with noise-condition dropout "
+        how = (f"denoiser started from checkpoint `{Path(cfg['init_from']).name}`, fine-tuned {cfg['train_steps']} "
+               "steps" if cfg.get('init_from') else f"denoiser trained {cfg['train_steps']} steps")
+        intro = (f"**`{cfg['dataset']}`**: {how} with noise-condition dropout "
                  f"(p_drop {cfg['p_drop']}), {cfg['n_samples']} samples per run from the same noise, "
                  f"{cfg['level']:.0%} bootstrap intervals ({cfg['n_boot']} resamples); ran in {secs:.0f} s; "
                  f"full report: `{f}/summary.md`.")

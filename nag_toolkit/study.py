@@ -36,7 +36,7 @@ __all__ = ['STUDY_DATASETS', 'FAMILIES', 'OWN_SAMPLERS', 'CELL', 'PIPELINES', 'Q
            'FULL_DIGITS', 'PRESETS', 'StudyConfig', 'stage_train', 'estimator_config', 'stage_estimator', 'Method',
            'method', 'build_method', 'study_methods', 'start_noise', 'Scorer', 'sample_method', 'one_run',
            'steps_for_nfe', 'equal_nfe_jobs', 'add_equal_nfe', 'stage_evaluate', 'run_studies', 'write_timing',
-           'run_study', 'pool_studies', 'run_models']
+           'run_study', 'pool_studies', 'run_models', 'write_map']
 
 # %% ../nbs/15_study.ipynb #8d329687
 @dataclass
@@ -529,8 +529,12 @@ PRESETS = {'quick': QUICK, 'demo': DEMO, 'digits-demo': DIGITS_DEMO, 'full': FUL
 # %% ../nbs/15_study.ipynb #b4571260
 def run_models(cfg:StudyConfig)->Path:
     "One study per denoiser quality (`cfg.models`: training steps), then the map of where NAG helps (map.md)."
+    return write_map(cfg, run_studies(cfg, 'train_steps', cfg.models))
+
+def write_map(cfg:StudyConfig, # the study's options (with `models`)
+              outs:list)->Path: # the models' study folders, in the order of `cfg.models`
+    "The map of the models' studies: map.csv, its figures, map_verdicts.csv and map.md (redrawn from the tables)."
     out, metric = Path(cfg.out), 'fd' if cfg.dataset in MIXTURES else 'fid'
-    outs = run_studies(cfg, 'train_steps', cfg.models)
     m = pd.concat([_map_rows(pd.read_csv(Path(o) / 'results.csv'), f'{n} training steps')
                    for n, o in zip(cfg.models, outs)])
     m.to_csv(out / 'map.csv', index=False)

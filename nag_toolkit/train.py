@@ -16,7 +16,8 @@ from .core import (ConfigError, check_choice, check_range, sample_seed, config_f
 from .interpolants import get_interpolant, PRED_KINDS, INTERPOLANTS
 from .data import get_dataset
 from .models import build_model, load_pretrained
-from .checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint, checkpoint_kept
+from .checkpoint import (save_checkpoint, load_checkpoint, latest_checkpoint, checkpoint_kept,
+                                    checkpoint_source)
 
 # %% auto #0
 __all__ = ['RESUME_FREE', 'TrainConfig', 'resolve', 'draw_batch', 'batch_loss', 'dit_vb_bits', 'StepBatches', 'batch_loader',
@@ -50,7 +51,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 500
     keep_checkpoints: int = 2
-    finetune_from: str | None = None  # a nag_toolkit checkpoint or an official DiT/SiT weights file
+    finetune_from: str | None = None  # a nag_toolkit checkpoint (or a shipped one's name), official DiT/SiT weights
     bf16: bool | None = None        # autocast to bfloat16; None: on with CUDA
     compile: bool = False           # torch.compile the model
     max_bad_steps: int = 20         # consecutive non-finite steps tolerated before stopping
@@ -69,14 +70,13 @@ def resolve(cfg:TrainConfig, world_size:int=1)->TrainConfig:
     "Fill situational defaults and check ranges; returns a new config."
     c = dataclasses.replace(cfg)
     if c.finetune_from is not None and c.model != 'diffusers':
-        from nag_toolkit.bridge import is_diffusers_folder, finetune_config
+        from nag_toolkit.bridge import is_diffusers_folder, finetune_config, check_diffusers_folder
+        check_diffusers_folder(c.finetune_from)                          # diffusers weights without their config
         if is_diffusers_folder(c.finetune_from): c = finetune_config(c)   # a diffusers folder: its model and path
     check_choice('path', c.path, INTERPOLANTS)
     if c.pred is not None: check_choice('pred', c.pred, PRED_KINDS)
     ft = c.finetune_from is not None
-    if ft and not Path(c.finetune_from).exists():
-        raise ConfigError(f"finetune_from={c.finetune_from!r} does not exist; "
-                          "allowed: a checkpoint folder or weights file")
+    if ft: checkpoint_source(c.finetune_from, 'finetune_from', 'a checkpoint folder or weights file')
     if c.p_drop is None: c.p_drop = 0.2 if ft else 0.1
     if c.lr is None: c.lr = 1e-5 if ft else (1e-4 if c.model.startswith('DiT') else 1e-3)
     for name in ('p_drop', 'p_drop_y', 'ema_decay'): check_range(name, getattr(c, name), 0, 1, hi_open=True)
@@ -231,7 +231,7 @@ def _build(cfg, ds):
 def _finetune_init(model, cfg)->int:
     "Load fine-tuning weights (a checkpoint's EMA, or official DiT/SiT weights); return their null-t steps."
     if cfg.model == 'diffusers': return model.null_t_steps or 0        # a diffusers folder: loaded when built
-    src = Path(cfg.finetune_from)
+    src = checkpoint_source(cfg.finetune_from)              # a folder, a weights file or a shipped name
     if not src.is_dir(): load_pretrained(src, model=model); return 0       # official weights: no null-t token
     model.load_state_dict((ck := load_checkpoint(src))['ema'] or ck['model'])
     return null_t_steps(ck['state'])

@@ -3,6 +3,7 @@ the generated findings checked against the numbers they cite, and one-line error
 import json, subprocess, sys
 from pathlib import Path
 import pandas as pd, pytest
+from nag_toolkit.report import fmt
 
 def _cli(*args):
     return subprocess.run([sys.executable, '-m', 'nag_toolkit.cli', 'study', *args], capture_output=True, text=True, timeout=900)
@@ -43,7 +44,13 @@ def _check_findings(out:Path):
             if excludes_0 and c['method'] != 'floor' and m in ('fd', 'fid', 'coverage_tv'):   # lower is better
                 assert c['verdict'] == ('better' if c['delta_hi'] < 0 else 'worse'), c['text']
             for v in (c['base'], c['value']): assert f'{v:.3g}' in c['text']
-            assert f"{c['delta']:+.3g}" in c['text'] and c['text'] in summary
+            assert f"{c['delta']:+.3g}" in c['text']
+            if m == g['claims'][0]['metric']:                    # the verdict table shows the main metric's change
+                assert fmt(c['delta'], c['delta_lo'], c['delta_hi'], '+') in summary, c['text']
+                if c.get('nfe_own'):                             # ... and, for a costlier method, at equal NFE
+                    e = [r[f'nfe_delta_{m}'], r[f'nfe_delta_{m}_lo'], r[f'nfe_delta_{m}_hi']]
+                    assert [c['nfe_delta'], c['nfe_delta_lo'], c['nfe_delta_hi']] == pytest.approx(e, rel=1e-12)
+                    assert fmt(*e, '+') in summary and c['nfe'] == r.nfe and c['nfe_base'] > b.nfe
             n_claims += 1
     return n_claims
 
@@ -59,7 +66,8 @@ def test_quick_study_through_the_papermill_notebooks(tmp_path):
     assert (res[res.method == 'none'][['delta_fd', 'delta_fd_lo', 'delta_fd_hi']] == 0).all().all()   # none against itself
     assert _check_findings(out) >= 20
     r = subprocess.run([sys.executable, '-m', 'nag_toolkit.cli', 'findings', str(out), '--out', str(tmp_path / 'f.md')], capture_output=True, text=True)
-    assert r.returncode == 0 and '**the floor**' in (tmp_path / 'f.md').read_text()
+    text = (tmp_path / 'f.md').read_text()
+    assert r.returncode == 0 and '| the floor |' in text and '| cf-NAG w=1 |' in text and 'equal NFE' in text
 
 def test_quick_study_on_digits_in_process(tmp_path):
     r = _cli('--quick', '--dataset', 'digits', '--no-notebooks', '--set', 'n_samples=200', '--set', 'shift_steps=[8]', '--out', str(tmp_path))
@@ -83,7 +91,11 @@ def test_seeds_are_pooled(tmp_path):
     assert list(pooled.method) == list(a.method) == list(b.method)
     assert pooled.fd.tolist() == pytest.approx(((a.fd + b.fd) / 2).tolist(), abs=1e-12)
     assert (pooled.fd_lo <= pooled.fd).all() and (pooled.fd <= pooled.fd_hi).all()
-    assert pooled.delta_fd.tolist() == pytest.approx((pooled.fd - pooled[pooled.method == 'none'].fd.item()).tolist(), abs=1e-12)
+    base = pooled[pooled.method == 'none'].set_index(['steps', 'n_samples']).fd     # no guidance of each cell
+    want = [f - base[(k, n)] for f, k, n in zip(pooled.fd, pooled.steps, pooled.n_samples)]
+    assert pooled.delta_fd.tolist() == pytest.approx(want, abs=1e-12)
+    guided = pooled[(pooled.purpose == 'sweep') & ~pooled.method.isin(['none', 'floor'])]
+    assert guided.nfe_delta_fd.notna().all()                                        # pooled at equal NFE too
     _check_findings(tmp_path)
 
 def test_seeds_run_as_a_sweep_of_the_study_notebook(tmp_path):
@@ -106,8 +118,30 @@ def test_seeds_run_as_a_sweep_of_the_study_notebook(tmp_path):
                                         (['--preset', 'huge'], "preset='huge' is not allowed"),
                                         (['--set', 'n_sample=3'], "'n_sample' is not a study option"),
                                         (['--set', 'n_boot=5'], 'n_boot=5 is out of range'),
-                                        (['--set', 'p_drop=1.5'], 'p_drop=1.5 is out of range')])
+                                        (['--set', 'p_drop=1.5'], 'p_drop=1.5 is out of range'),
+                                        (['--preset', 'digits-demo', '--set', 'init_from=nope'],
+                                         "init_from='nope' does not exist; allowed: a run or checkpoint folder of a 'digits' model on path "
+                                         "'linear', or a shipped checkpoint (digits-denoiser)"),
+                                        (['--set', 'init_from=digits-denoiser'],
+                                         "init_from='digits-denoiser' holds a 'digits' model on path 'linear'; allowed: a run or checkpoint "
+                                         "folder of a 'mlp' model on path 'linear'")])
 def test_bad_study_options_fail_on_one_line(tmp_path, args, match):
     r = _cli('--quick', '--out', str(tmp_path / 's'), *args)
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and match in r.stderr, r.stderr
     assert not (tmp_path / 's').exists()
+
+def test_shipped_digits_checkpoint_loads_digest_checked(tmp_path):
+    "The digits denoiser that ships in the package loads through `load_trained`, its digest checked, its null-t token trained."
+    import shutil
+    from nag_toolkit.checkpoint import SHIPPED, checkpoint_source, shipped_checkpoints
+    from nag_toolkit.core import ConfigError
+    from nag_toolkit.train import load_trained
+    from nag_toolkit.study import StudyConfig, DIGITS_DEMO
+    assert 'digits-denoiser' in shipped_checkpoints() and StudyConfig.from_dict(DIGITS_DEMO).init_from == 'digits-denoiser'
+    model, state = load_trained(checkpoint_source('digits-denoiser'))
+    assert model.config['name'] == 'digits' and state['config']['path'] == 'linear' and state['config']['p_drop'] == 0.1
+    assert model.null_t_steps == state['step'] > 0 and sorted(state['files']) == ['ema.safetensors']
+    bad = tmp_path / 'damaged'                                    # one flipped byte: refused on one line
+    shutil.copytree(SHIPPED / 'digits-denoiser', bad)
+    f = bad / 'ema.safetensors'; b = bytearray(f.read_bytes()); b[-1] ^= 1; f.write_bytes(bytes(b))
+    with pytest.raises(ConfigError, match='is damaged or truncated'): load_trained(bad)
