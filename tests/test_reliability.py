@@ -9,7 +9,7 @@ from nag_toolkit.cli import main, COMMANDS
 from nag_toolkit.core import RunLock, LOCK_NAME
 from nag_toolkit.checkpoint import load_checkpoint, checkpoint_damage
 from nag_toolkit.sample import sample_shards, shard_done, shard_record
-from nag_toolkit.train import train
+from nag_toolkit.train import train, load_trained
 
 TOY = Path(__file__).resolve().parent.parent / 'nbs' / 'pipelines' / 'toy.ipynb'
 TINY = {'dataset': 'gmm32', 'dataset_options': {'n': 200}, 'model_options': {'width': 16, 'depth': 1}, 'batch_size': 16}
@@ -602,3 +602,45 @@ def test_a_damaged_image_and_an_unreadable_yaml_are_named_on_one_line(images, tm
     code, _, err = _cli(['train', '--config', y, '--out', tmp_path / 'run'], capsys)
     assert code == 2 and err.startswith(f"error: config={str(y)!r} cannot be read (") and err.count('\n') == 1, err
     _record('A YAML file that is not text', 'train --config', err, 'nothing is written', tmp_path)
+
+def test_a_partial_pt_checkpoint_and_a_diffusers_folder_without_its_config_are_one_line(run, tmp_path, capsys):
+    "Peer formats: a .pt lacking weights, a diffusers folder without config.json; named before any training step."
+    from safetensors.torch import save_file
+    from nag_toolkit.models import NULL_T_KEY
+    model, _ = load_trained(run)
+    keys = [k for k in model.state_dict() if k != NULL_T_KEY]
+    torch.save({k: v for k, v in model.state_dict().items() if k not in (NULL_T_KEY, keys[-1])}, tmp_path / 'cut.pt')
+    code, _, err = _cli(['train', '--finetune-from', tmp_path / 'cut.pt', *TRAIN, '--steps', '1',
+                         '--out', tmp_path / 'a'], capsys)
+    assert code == 2 and err.count('\n') == 1 and f"lacks 1 of the model's weights ({keys[-1]})" in err, err
+    assert 'cut.pt' in err and not (tmp_path / 'a' / 'checkpoints').exists()
+    _record('An official-format .pt that lacks weights', 'train --finetune-from', err, 'nothing is written', tmp_path)
+    folder = tmp_path / 'unet'
+    folder.mkdir()
+    save_file({'w': torch.zeros(2)}, folder / 'diffusion_pytorch_model.safetensors')
+    code, _, err = _cli(['train', '--finetune-from', folder, *TRAIN, '--steps', '1', '--out', tmp_path / 'b'], capsys)
+    assert code == 2 and err.count('\n') == 1 and 'holds diffusers weights but no config.json' in err, err
+    _record('A diffusers folder without its config.json', 'train --finetune-from', err, 'nothing is written', tmp_path)
+
+def test_jupyters_interrupt_in_train_raises_interrupted_and_keeps_the_checkpoint(tmp_path):
+    "JupyterLab's interrupt button (SIGINT to the kernel): `train` checkpoints, then raises `Interrupted`, one line."
+    from jupyter_client.manager import start_new_kernel
+    out = tmp_path / 'nb'
+    cfg = {**TINY, 'steps': 100000, 'log_every': 1, 'ckpt_every': 100000, 'out': str(out)}
+    km, kc = start_new_kernel(kernel_name='python3', cwd=str(ROOT), env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        msg_id = kc.execute(f"from nag_toolkit.train import train\ntrain({cfg!r})")
+        deadline = time.time() + 120
+        while not (out / 'metrics.csv').exists() and time.time() < deadline: time.sleep(0.05)
+        time.sleep(0.5)                                                          # a few steps in
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=120)
+        while reply['parent_header'].get('msg_id') != msg_id: reply = kc.get_shell_msg(timeout=120)
+    finally:
+        kc.stop_channels(); km.shutdown_kernel(now=True)
+    c = reply['content']
+    assert c['status'] == 'error' and c['ename'] == 'Interrupted', c
+    step = int(re.fullmatch(r'interrupted at step (\d+); checkpoint saved; the same command resumes', c['evalue'])[1])
+    assert (out / 'checkpoints/latest').read_text() == f'step_{step:08d}' and not _no_temps(out)
+    _record("JupyterLab's interrupt during train()", 'train (library call in a kernel)',
+            f"Interrupted: {c['evalue']}", 'a checkpoint at the step reached; the same call resumes')
