@@ -18,7 +18,9 @@ $(STAMP): setup.py settings.ini
 	@touch $(STAMP)
 
 # The mixture study, then the reduced digits study; their findings (generated from results.csv) go into README.md.
+# runs/demo is the demo's own folder: it starts afresh (a folder of an older version's settings would be refused).
 demo: install
+	rm -rf runs/demo
 	$(PY) -m nag_toolkit.cli study --preset demo --out runs/demo
 	$(PY) -m nag_toolkit.cli study --preset digits-demo --out runs/demo/digits
 	$(PY) -m nag_toolkit.cli findings runs/demo runs/demo/digits --out findings/demo.md

@@ -70,10 +70,10 @@ def fig_hero(heat:dict, sh:pd.DataFrame, steps:int):
         plot_posterior_heatmap(heat[k], list(d.t), grid, f'{k[0]}: p(t | x) along {steps} Euler steps', ax=ax)
         ax.plot(d.post_mean, range(1, len(d) + 1), 'wo', ms=3, label='E[t | x]')
         ax.legend(loc='lower right', fontsize=7)
-    d = sh[sh.method.isin([k[0] for k in keys]) & (sh.sampler == 'euler') & (sh.steps == steps)
+    # the excess shift of each, and of the exact score (the discretisation's share) where the study ran it
+    d = sh[sh.method.isin([k[0] for k in keys] + ['exact score']) & (sh.sampler == 'euler') & (sh.steps == steps)
            & (sh.posterior == post)]
-    plot_shift_curves(d, by='method', value='excess_shift', ax=axs[0, -1],
-                      title='excess shift: sampler states minus forward states')
+    plot_shift_curves(d, by='method', value='excess_shift', ax=axs[0, -1], title='excess shift along sampling')
     fig.tight_layout()
     return fig
 
