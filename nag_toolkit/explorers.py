@@ -17,7 +17,7 @@ from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, time_grid, start_state
 from .samplers import run_sampler as _run_registered
 from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, GUIDERS, ClassifierFreeGuidance,
-                                  get_guider, parse_spec, exact_log_posterior)
+                                  get_guider, parse_spec, exact_log_posterior, exact_t_mean)
 from .shift import ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats
 from .shift import plot_posterior_heatmap, plot_shift_curves
 from .metrics import mixture_metrics
@@ -220,8 +220,9 @@ def draw(self:PosteriorExplorer, fig, step):
 
 # %% ../nbs/18_explorers.ipynb #cade51be
 def guider_options(weak:bool=False)->list:
-    "The explorer's method dropdown, from the registry: every guider but CFG (its own slider) and none (w = 0)."
-    names = [n for n in GUIDERS if n not in ('none', 'cfg') and (weak or n != 'autoguidance')]
+    ("The explorer's method dropdown, from the registry: every guider but CFG (its own slider), none (w = 0) and the "
+     "null-t ablation (on or off, no weight to slide).")
+    names = [n for n in GUIDERS if n not in ('none', 'cfg', 'null-t') and (weak or n != 'autoguidance')]
     return names + ['self-guidance:prev=true']                     # SG-prev, the variant with no extra forward
 
 def nag_controls(num_classes:int=0, steps:int=16, weak:bool=False)->dict:
@@ -290,11 +291,11 @@ def _labels(self:NAGExplorer, label:str, seed:int)->dict:
 @patch
 def guiders(self:NAGExplorer, method:str, w:float, w_cfg:float, interval)->list:
     ("The setting's guiders, built through the registry: the method at weight `w` and CFG, in the window; what a "
-     "spec leaves open comes from the mixture (its exact p(t | x) for cb-nag, its mean square for time-shift).")
+     "spec leaves open comes from the mixture (its exact p(t | x) for cb-nag and nlc, its mean square for time-shift).")
     lo, hi = interval or (0.0, 1.0)
     spec = {**parse_spec(method), 'w': w, 't_lo': lo, 't_hi': hi}
-    g = get_guider(spec, log_g=exact_log_posterior(self.gm, self.path), data_var=self.data.pow(2).mean().item(),
-                   weak=self.weak)
+    g = get_guider(spec, log_g=exact_log_posterior(self.gm, self.path), t_mean=exact_t_mean(self.gm, self.path),
+                   data_var=self.data.pow(2).mean().item(), weak=self.weak)
     return [g, ClassifierFreeGuidance(w_cfg, lo, hi)]
 
 @patch
