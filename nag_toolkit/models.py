@@ -412,8 +412,9 @@ def load_pretrained(path, # a .pt / .pth (torch, read weights-only) or .safetens
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # a damaged or partial file: any weight missing but the null-t token (official files have none) is refused
     lost = [k for k in missing if k != NULL_T_KEY]
-    if lost: raise ConfigError(f"checkpoint {str(path)!r} lacks {len(lost)} of the model's weights ({_key_list(lost)}); "
-                               f"allowed: a whole DiT/SiT checkpoint (only {NULL_T_KEY} may be missing)")
+    if lost: raise ConfigError(f"checkpoint {str(path)!r} lacks {len(lost)} of the model's weights "
+                               f"({_key_list(lost)}); allowed: a whole DiT/SiT checkpoint (only {NULL_T_KEY} may be "
+                               "missing)")
     if NULL_T_KEY in missing: model.null_t_steps = 0     # an untrained null-t token: NAG is refused until fine-tuned
     note = (f" (expected: official checkpoints have no {NULL_T_KEY}; it keeps its initial value until fine-tuned)"
             if NULL_T_KEY in missing else '')

@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
 
 SPECS = {'none': 'none', 'cfg': 'cfg', 'cf-nag': 'cf-nag', 'eps-scaling': 'eps-scaling', 'time-shift': 'time-shift',
          'self-guidance': 'self-guidance', 'cb-nag': 'cb-nag:estimator={est}',
-         'autoguidance': 'autoguidance:weak={weak}'}
+         'autoguidance': 'autoguidance:weak={weak}', 'nlc': 'nlc:estimator={est}', 'null-t': 'null-t'}
 
 def _sample(runs, out, *guidance, sampler='euler', extra=()):
     "Shards of 6 samples from the good model with the given --guidance specs; arr_0 of all shards."
