@@ -313,7 +313,7 @@ def _record(fault:str, command:str, sees:str, kept:str, tmp:Path|None=None):
     if tmp is not None: sees = sees.replace(str(tmp), 'OUT')            # no temporary paths in the docs
     # the lines a user reads, without progress bars; an interrupt's counts depend on when it came: N
     lines = [l for part in sees.splitlines() for l in part.split('\r') if l.strip() and not BAR.match(l)]
-    sees = '\n'.join(re.sub(r'\d+', 'N', l) if l.startswith('interrupted') else l for l in lines)
+    sees = '\n'.join(re.sub(r'\d+', 'N', l) if 'interrupted' in l.lower() else l for l in lines)
     rows = json.loads(FAULTS.read_text()) if FAULTS.exists() else {}
     rows[fault] = {'command': command, 'sees': sees.strip(), 'kept': kept}
     FAULTS.write_text(json.dumps(rows, indent=1, sort_keys=True, ensure_ascii=False) + '\n')
