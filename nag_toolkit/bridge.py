@@ -268,7 +268,7 @@ def _hidden_time(self:DiffusersNet, null_t):
 
 @patch
 def _native(self:DiffusersNet, out, x, t):
-    "The output as the native kind: diffusers' v (alpha eps - sigma x0) as eps = alpha v + sigma x; others as they are."
+    "The output as the native kind: diffusers' v (alpha eps - sigma x0) as eps = alpha v + sigma x; others as is."
     if self.prediction_type != 'v_prediction': return out
     a, s = (c.to(out.dtype) for c in self.path.coefs_like(t, x)[:2])
     c = self.pred_channels
@@ -328,7 +328,7 @@ def _say_time_embedding(model):
 def from_diffusers(model, # a diffusers model: UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, ...
                    scheduler, # its scheduler (DDPM/DDIM-style betas, or flow matching)
                    num_classes:int|None=None)->Denoiser: # classes, the null class not counted; None: from the model
-    "The toolkit's denoiser of a diffusers model: its scheduler's path, its prediction as the native kind, `y` classes."
+    "The toolkit's denoiser of a diffusers model: its scheduler's path, its prediction as native kind, `y` classes."
     net = DiffusersNet(model, scheduler, num_classes)
     _say_time_embedding(model)
     return Denoiser(net, net.path, pred=net.pred)

@@ -291,7 +291,8 @@ def _labels(self:NAGExplorer, label:str, seed:int)->dict:
 @patch
 def guiders(self:NAGExplorer, method:str, w:float, w_cfg:float, interval)->list:
     ("The setting's guiders, built through the registry: the method at weight `w` and CFG, in the window; what a "
-     "spec leaves open comes from the mixture (its exact p(t | x) for cb-nag and nlc, its mean square for time-shift).")
+     "spec leaves open comes from the mixture (its exact p(t | x) for cb-nag and nlc, its mean square for "
+     "time-shift).")
     lo, hi = interval or (0.0, 1.0)
     spec = {**parse_spec(method), 'w': w, 't_lo': lo, 't_hi': hi}
     g = get_guider(spec, log_g=exact_log_posterior(self.gm, self.path), t_mean=exact_t_mean(self.gm, self.path),

@@ -518,7 +518,7 @@ class SelfGuidance(Guider):
 # %% ../nbs/06_guidance.ipynb #0b89f1c5
 def exact_t_mean(gm:GaussianMixture, path, # the mixture and the path
                  grid=None): # the t grid (default 200 cell centres of [0, 1])
-    "`t_hat(x) = E[t | x]` of a mixture's exact posterior on a grid (uniform prior): Noise Level Correction's estimate."
+    "`t_hat(x) = E[t | x]` of a mixture's exact posterior on a grid (uniform prior): Noise Level Correction's t."
     grid = torch.linspace(0.0025, 0.9975, 200, dtype=torch.float64) if grid is None else grid
     path = get_interpolant(path)
     return lambda x: (torch.softmax(gm.log_prob_grid(x, grid, path), -1) @ grid.to(x.device)).to(x.dtype)

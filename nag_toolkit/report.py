@@ -389,7 +389,8 @@ def _intro(cfg, gap)->str:
 _FILES = ("Files: `results.csv` (every run; each metric m with m_lo, m_hi, delta_m, delta_m_lo, delta_m_hi and, "
           "at equal NFE, nfe_delta_m, nfe_delta_m_lo, nfe_delta_m_hi; nfe and seconds), `findings.json` (the claims "
           "and the numbers they cite), `shift.csv`, `shift_by_tbin.csv`, `notebooks/` (the executed pipelines).")
-_VERDICTS = ("The main metric's paired change against no guidance (method minus no guidance, same starting noise) with "
+_VERDICTS = ("The main metric's paired change against no guidance (method minus no guidance, same starting noise) "
+             "with "
              "its {lvl:.0%} interval, at equal steps and at equal NFE (network evaluations per sample; 'same' where "
              "the method costs one per step):")
 
@@ -595,7 +596,7 @@ def map_summary(m:pd.DataFrame, metric:str='fd')->pd.DataFrame:
     return pd.DataFrame(rows).set_index('model')
 
 def map_tables(m:pd.DataFrame, metric:str='fd')->dict:
-    "Per (family, model): a table of verdicts, a row per sampler and steps, a column per w ('equal steps / equal NFE')."
+    "Per (family, model): a table of verdicts, a row per sampler and steps, a column per w ('steps / NFE' verdicts)."
     d = sweep_rows(m)[lambda d: d.family != 'none']
     d = d.assign(v=_verdicts(d, metric), e=_verdicts(d, metric, 'nfe_delta_') if f'nfe_delta_{metric}' in d else 'n/a')
     # its own equal-NFE comparison: against a no-guidance run other than the one of its cell
