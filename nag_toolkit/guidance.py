@@ -371,6 +371,13 @@ def exact_log_posterior(gm:GaussianMixture, path, # the mixture and the path
     return lambda x, t: interp_log_posterior(torch.log_softmax(gm.log_prob_grid(x, grid, path), -1), grid, t)
 
 # %% ../nbs/06_guidance.ipynb #6a1a796b
+def _bind_estimator(g, den):
+    "`g._est`: the estimator of `g.estimator`, loaded on the network's device where it is a folder."
+    if isinstance(g.estimator, (str, Path)):
+        from nag_toolkit.estimator import load_estimator
+        g._est = load_estimator(g.estimator, _device(den))
+    elif g.estimator is not None: g._est = g.estimator
+
 def _device(den):
     "The device of a denoiser's network (CPU for a function)."
     p = next(iter(den.model.parameters()), None) if hasattr(den.model, 'parameters') else None
@@ -390,10 +397,7 @@ class ClassifierNAG(Guider):
 
     def bind(self, den):
         "Load the estimator of a folder spec; refuse a guider with no posterior."
-        if isinstance(self.estimator, (str, Path)):
-            from nag_toolkit.estimator import load_estimator
-            self._est = load_estimator(self.estimator, _device(den))
-        elif self.estimator is not None: self._est = self.estimator
+        _bind_estimator(self, den)
         if self.on and self.estimator is None and self._log_g is None and self.g is None: raise ConfigError(
             "cb-nag needs a noise-level posterior; allowed: estimator=PATH (a folder written by nag-toolkit "
             "estimator), or log_g / g with t_grid in Python")
@@ -535,10 +539,7 @@ class NoiseLevelCorrection(Guider):
 
     def bind(self, den):
         "Load the estimator of a folder spec; refuse a guider with no posterior."
-        if isinstance(self.estimator, (str, Path)):
-            from nag_toolkit.estimator import load_estimator
-            self._est = load_estimator(self.estimator, _device(den))
-        elif self.estimator is not None: self._est = self.estimator
+        _bind_estimator(self, den)
         if self.on and self.estimator is None and self.t_mean is None: raise ConfigError(
             "nlc needs a noise-level posterior; allowed: estimator=PATH (a folder written by nag-toolkit "
             "estimator), or t_mean in Python")
