@@ -12,7 +12,7 @@ Rows, each a ratio of medians of interleaved repeats in this one run:
 
     python bench/bench_sampling.py [--quick] [--threads 1] [--json]
 With NAG_TOOLKIT_MALLOC=default in the environment the toolkit leaves glibc's allocator settings alone: that is
-how `run_all.py` measures ratio 3 before the allocator fix (see `nag_toolkit.core.tune_cpu_allocator`).
+how `run_all.py` measures ratio 3 before the allocator fix (see `nag_toolkit.perf.tune_cpu_allocator`).
 """
 import argparse, json, os, sys
 from pathlib import Path

@@ -7,14 +7,12 @@ from __future__ import annotations
 import os, sys, functools, contextlib, dataclasses, errno, json, math, re, shutil, signal, socket, tempfile
 import threading, time, warnings
 from pathlib import Path
-import torch
 
 # %% auto #0
 __all__ = ['LOCK_NAME', 'ConfigError', 'check_choice', 'check_range', 'cli_errors', 'check_finite', 'coerce', 'config_from_dict',
            'first_line', 'read_yaml_mapping', 'check_out_dir', 'RunWarning', 'warn', 'RunLock', 'file_digest',
            'digest_ok', 'fault_point', 'Interrupted', 'WriteFailed', 'as_os_error', 'remove', 'writing', 'atomic_write',
-           'hold_interrupts', 'progress_interval', 'progress', 'sample_seed', 'sample_generators', 'randn_per_sample',
-           'as_t', 'expand_t', 'shared_time', 'host_time', 'tune_cpu_allocator', 'CPU_ALLOCATOR_TUNED']
+           'hold_interrupts', 'progress_interval', 'progress', 'sample_seed', 'sample_generators', 'randn_per_sample']
 
 # %% ../nbs/00_core.ipynb #a8a6e9ad
 class ConfigError(ValueError):
@@ -306,10 +304,6 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault('mininterval', progress_interval(kwargs.get('file')))
     return tqdm(iterable, **kwargs)
 
-# %% ../nbs/00_core.ipynb #0a551ea6
-from .perf import as_t, expand_t, shared_time, host_time, tune_cpu_allocator, CPU_ALLOCATOR_TUNED
-_all_ = ['as_t', 'expand_t', 'shared_time', 'host_time', 'tune_cpu_allocator', 'CPU_ALLOCATOR_TUNED']
-
 # %% ../nbs/00_core.ipynb #80d05a8c
 def sample_seed(seed:int, index:int)->int:
     "A 63-bit seed for sample `index` of a run seeded `seed` (a fixed mixing of the pair)."
@@ -319,10 +313,13 @@ def sample_seed(seed:int, index:int)->int:
 
 def sample_generators(seed:int, indices, device='cpu')->list:
     "One `torch.Generator` per sample index, seeded from `(seed, index)`."
+    import torch                                              # at call time: core loads without torch
     return [torch.Generator(device=device).manual_seed(sample_seed(seed, int(i))) for i in indices]
 
 def randn_per_sample(shape, # shape of ONE sample
                      generators:list, # one generator per sample
-                     device='cpu', dtype=torch.float32)->torch.Tensor:
+                     device='cpu', dtype=None)->'torch.Tensor': # None: float32
     "A batch `[len(generators), *shape]` of standard normals, row `i` drawn from `generators[i]`."
+    import torch
+    dtype = dtype or torch.float32
     return torch.stack([torch.randn(tuple(shape), generator=g, device=device, dtype=dtype) for g in generators])

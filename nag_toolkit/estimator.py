@@ -11,7 +11,8 @@ from fastcore.basics import patch
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from .core import ConfigError, check_choice, check_range, sample_seed, as_t, progress as progress_bar
+from .core import ConfigError, check_choice, check_range, sample_seed, progress as progress_bar
+from .perf import as_t
 from .core import config_from_dict, check_out_dir, warn, writing, atomic_write, Interrupted
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, DATASETS

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os, sys, ctypes
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from .core import ConfigError, check_range
 
 # %% auto #0
 __all__ = ['CPU_ALLOCATOR_TUNED', 'as_t', 'expand_t', 'shared_time', 'host_time', 'HostSyncAudit', 'sync_events',
@@ -21,7 +22,6 @@ def as_t(t, x:torch.Tensor)->torch.Tensor:
     else: t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim == 0: t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        from nag_toolkit.core import ConfigError     # at call time: core imports this module
         raise ConfigError(f"t has shape {tuple(t.shape)}; allowed: a scalar or shape ({x.shape[0]},)")
     return t
 
@@ -80,7 +80,6 @@ def _mallopt(mmap_threshold:int, trim_threshold:int)->bool:
 def tune_cpu_allocator(mmap_threshold:int=32 << 20, # blocks up to this size stay in the heap (glibc's maximum: 32 MiB)
                        trim_threshold:int=256 << 20)->bool: # free heap kept before memory goes back to the OS
     "Raise glibc's mmap and trim thresholds so large CPU tensors reuse memory; True where applied."
-    from nag_toolkit.core import check_range     # at call time: core imports this module
     check_range('mmap_threshold', mmap_threshold, lo=0, hi=32 << 20)
     check_range('trim_threshold', trim_threshold, lo=0, hi=(1 << 31) - 1)
     return _mallopt(mmap_threshold, trim_threshold)
