@@ -24,7 +24,8 @@ from common import median_times, row, machine, print_rows
 from nag_toolkit.core import sample_generators, randn_per_sample
 from nag_toolkit.guidance import Denoiser
 from nag_toolkit.samplers import sample_ddim, sample_ddpm
-from nag_toolkit.train import train, load_trained
+from nag_toolkit.train import train
+from nag_toolkit.checkpoint import load_model
 
 BETAS = dict(num_train_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02)
 
@@ -33,7 +34,7 @@ def trained_eps_model(steps:int=300, out=None):
     out = out or tempfile.mkdtemp(prefix='nag_peer_')
     train({'dataset': 'gmm32', 'model': 'mlp', 'path': 'ddpm', 'pred': 'eps', 'steps': steps, 'batch_size': 256,
            'model_options': {'width': 256, 'depth': 3}, 'log_every': steps, 'ckpt_every': steps, 'device': 'cpu', 'out': out})
-    net, state = load_trained(out)
+    net, state = load_model(out)
     assert state['pred'] == 'eps', state['pred']
     return net
 

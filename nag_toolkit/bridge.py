@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from .core import ConfigError, check_choice, warn
 from .perf import as_t
 from .interpolants import Interpolant, DDPMSchedule, INTERPOLANTS, get_interpolant
-from .guidance import Denoiser
+from .samplers import Denoiser
 
 # %% auto #0
 __all__ = ['BETA_SCHEDULES', 'PREDICTION_TYPES', 'TIME_EMBEDDERS', 'NULL_T_ATTR', 'NULL_T_FILE', 'SchedulerSchedule',
@@ -502,7 +502,7 @@ def export_diffusers(net:DiffusersNet, folder, # the network (a run's EMA) and t
     return folder
 
 def load_trained_diffusers(folder, device='cpu')->tuple:
-    "`(network, state)` of a diffusers folder, as `nag_toolkit.train.load_trained` gives them for a run."
+    "`(network, state)` of a diffusers folder, as `nag_toolkit.checkpoint.load_model` gives them for a run."
     model, scheduler = load_diffusers(folder)
     net = DiffusersNet(model, scheduler).to(device).eval()
     latent = net.pred_channels not in (1, 3)                                     # 4-channel DiTs sample latents

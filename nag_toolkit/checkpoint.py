@@ -8,12 +8,15 @@ import json, os, shutil
 from pathlib import Path
 import torch
 from safetensors.torch import save_file, load_file
-from .core import ConfigError, file_digest, digest_ok, fault_point, warn, _alive
+from .core import ConfigError, check_choice, file_digest, digest_ok, fault_point, warn
 from .core import writing, hold_interrupts
+from .shards import clear_stale
+from .models import build_model
 
 # %% auto #0
 __all__ = ['PICKLE_SUFFIXES', 'SHIPPED', 'save_checkpoint', 'checkpoint_kept', 'latest_checkpoint', 'checkpoint_damage',
-           'load_checkpoint', 'shipped_checkpoints', 'checkpoint_source', 'ship_checkpoint']
+           'load_checkpoint', 'null_t_steps', 'weights_file', 'load_model', 'shipped_checkpoints', 'checkpoint_source',
+           'ship_checkpoint']
 
 # %% ../nbs/15b_checkpoint.ipynb #c910db61
 def _fsync_dir(path:Path):
@@ -55,12 +58,6 @@ def _state_dict_cpu(module)->dict:
     module = getattr(module, 'module', module); module = getattr(module, '_orig_mod', module)
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
-def _clear_stale(root:Path):
-    "Remove temporary folders that killed writers left behind (their process is gone)."
-    for tmp in root.glob('.step_*.tmp-*'):
-        pid = tmp.name.rsplit('-', 1)[1]
-        if not pid.isdigit() or not _alive(int(pid)): shutil.rmtree(tmp, ignore_errors=True)
-
 def save_checkpoint(out, # the run's folder; checkpoints go to out/checkpoints
                     step:int, # the number of optimizer steps taken
                     model, ema=None, optimizer=None,
@@ -72,7 +69,7 @@ def save_checkpoint(out, # the run's folder; checkpoints go to out/checkpoints
     # Ctrl-C waits for the checkpoint; a failed write removes the temporary folder and names the last good one
     with hold_interrupts(f'checkpoint {final.name}'), writing(final, lambda: checkpoint_kept(out),
                                                               temps=[tmp, root / 'latest.tmp']):
-        root.mkdir(parents=True, exist_ok=True); _clear_stale(root)
+        root.mkdir(parents=True, exist_ok=True); clear_stale(root, '.step_*.tmp-*')
         _write_folder(tmp, step, model, ema, optimizer, state)
         fault_point('checkpoint.rename')
         if final.exists(): shutil.rmtree(final)
@@ -124,20 +121,23 @@ def _candidates(root:Path)->list:
     named = root / ptr.read_text().strip() if ptr.is_file() else None
     return [named, *(p for p in done if p != named)] if named in done else done
 
-def checkpoint_damage(d:Path)->str|None:
-    "What is wrong with checkpoint folder `d` (its file and how), or None when every recorded size and SHA-256 match."
+def checkpoint_damage(d:Path, # a checkpoint folder
+                      names=None)->str|None: # the files a reader needs (None: every file state.json records)
+    "What is wrong with checkpoint folder `d` (its file and how), or None when the recorded sizes and SHA-256 match."
     try: state = json.loads((d / 'state.json').read_text())
     except (OSError, ValueError) as e: return f"{d / 'state.json'} cannot be read ({type(e).__name__})"
-    for name, want in state.get('files', {}).items():   # checkpoints from before the checksums have none: trusted
-        if not digest_ok(d / name, want):
+    files = state.get('files', {})                       # checkpoints from before the checksums have none: trusted
+    for name in files if names is None else names:
+        if name in files and not digest_ok(d / name, files[name]):
             return f"{d / name} is damaged or truncated (its size or SHA-256 differs from state.json)"
+        if not (d / name).is_file(): return f"{d / name} is missing"
     return None
 
-def _intact(root:Path)->Path:
+def _intact(root:Path, damage=checkpoint_damage)->Path:
     "The newest intact checkpoint of `root` (warning for each damaged one); a one-line error when there is none."
     first = None
     for d in _candidates(root):
-        why = checkpoint_damage(d)
+        why = damage(d)
         if why is None:
             if first: warn(f"checkpoint {first}; using the previous intact one, {d.name}")
             return d
@@ -146,18 +146,18 @@ def _intact(root:Path)->Path:
                       f"checkpoint={str(root.parent)!r} holds no checkpoint; "
                       "allowed: a run folder or a folder with state.json")
 
-def _resolve(path)->Path:
-    "The checkpoint folder that `path` names (verified), or a one-line error."
+def _resolve(path, damage=checkpoint_damage)->Path:
+    "The checkpoint folder that `path` names, verified by `damage` (what it finds wrong, or None); else one line."
     p = Path(path)
     if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.read_bytes()[:2] in (b'\x80\x02', b'\x80\x04', b'PK')):
         raise ConfigError(f"checkpoint={str(p)!r} is a pickled file and is refused (loading it could run code); "
                           "allowed: a folder with model.safetensors and state.json (official DiT/SiT weights load "
                           "through nag_toolkit.models.load_pretrained)")
     if (p / 'state.json').exists():
-        if why := checkpoint_damage(p):
+        if why := damage(p):
             raise ConfigError(f"checkpoint {why}; allowed: an intact checkpoint (or its run folder)")
         return p
-    return _intact(p if p.name == 'checkpoints' else p / 'checkpoints')
+    return _intact(p if p.name == 'checkpoints' else p / 'checkpoints', damage)
 
 def load_checkpoint(path, # a run folder, its checkpoints folder, or one checkpoint folder
                     map_location='cpu')->dict:
@@ -169,6 +169,34 @@ def load_checkpoint(path, # a run folder, its checkpoints folder, or one checkpo
     opt = read('optim.safetensors')
     return {'path': d, 'model': read('model.safetensors'), 'ema': read('ema.safetensors'), 'state': state,
             'optimizer': None if state.get('optimizer') is None else _unflat_optimizer(opt or {}, state['optimizer'])}
+
+# %% ../nbs/15b_checkpoint.ipynb #3a5fc767
+def null_t_steps(state:dict)->int:
+    "Optimizer steps trained with noise-condition dropout, from a checkpoint's JSON state (older runs: their config)."
+    if 'null_t_steps' in state: return int(state['null_t_steps'])
+    return int(state.get('step', 0)) if (state.get('config', {}).get('p_drop') or 0) > 0 else 0
+
+def weights_file(d:Path, which:str='ema')->str:
+    "The weights file `load_model` reads from checkpoint folder `d`: the EMA's where asked and present, else the raw."
+    return 'ema.safetensors' if which == 'ema' and (d / 'ema.safetensors').exists() else 'model.safetensors'
+
+def load_model(run, # a run folder, its checkpoints folder, one checkpoint folder, or a diffusers folder
+               which:str='ema', # 'ema' (the raw weights where a checkpoint has no EMA) or 'model'
+               device='cpu'): # where the network is put
+    "The trained network (in eval mode) and its checkpoint's JSON state; the optimizer state is never read."
+    from nag_toolkit.bridge import is_diffusers_folder, load_trained_diffusers, net_from_config
+    if is_diffusers_folder(run): return load_trained_diffusers(run, device)
+    check_choice('which', which, ('ema', 'model'))
+    # 1. the newest checkpoint whose state.json and chosen weights are intact (their digest checked)
+    d = _resolve(run, lambda d: checkpoint_damage(d, [weights_file(d, which)]))
+    state = json.loads((d / 'state.json').read_text())
+    # 2. the network its config describes, with those weights
+    mc = state['model_config']
+    model = net_from_config(mc) if mc['name'] == 'diffusers' else build_model(**mc)
+    model.load_state_dict(load_file(d / weights_file(d, which)))
+    # 3. how long its null-t token trained (0: NAG through it is refused)
+    model.null_t_steps = null_t_steps(state)
+    return model.to(device).eval(), state
 
 # %% ../nbs/15b_checkpoint.ipynb #a4154afc
 import nag_toolkit

@@ -14,18 +14,18 @@ from .core import ConfigError, check_choice, sample_generators, randn_per_sample
 from .interpolants import get_interpolant, INTERPOLANTS
 from .analytic import GaussianMixture
 from .data import get_dataset, get_mixture, MIXTURES
-from .samplers import SAMPLERS, time_grid, start_state
-from .samplers import run_sampler as _run_registered
+from .samplers import SAMPLERS, time_grid, start_state, run_sampler
 from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, GUIDERS, ClassifierFreeGuidance,
                                   get_guider, parse_spec, exact_log_posterior, exact_t_mean)
 from .shift import ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats
 from .shift import plot_posterior_heatmap, plot_shift_curves
 from .metrics import mixture_metrics
-from .train import load_trained, oracle_gap
+from .checkpoint import load_model
+from .trained import oracle_gap
 
 # %% auto #0
 __all__ = ['METRICS_SHOWN', 'BRANCHES', 'fig_png', 'slider', 'dropdown', 'Explorer', 'projection', 'plane_data', 'square_limits',
-           'PathsExplorer', 'cell_centres', 'run_sampler', 'start_states', 'forward_heat', 'PosteriorExplorer',
+           'PathsExplorer', 'cell_centres', 'seeded_run', 'start_states', 'forward_heat', 'PosteriorExplorer',
            'guider_options', 'nag_controls', 'settings_key', 'NAGExplorer', 'metrics_html', 'read_run',
            'DropoutExplorer']
 
@@ -162,12 +162,13 @@ def cell_centres(n:int)->torch.Tensor:
     "`n` cell centres of [0, 1] (float64): the t grid of posteriors and t-averages."
     return (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
-def run_sampler(sampler:str, den, x1, steps:int, path, seed:int=0, extra_args=None, callback=None):
-    "Sample from `x1` (at t = 1) with a registered sampler on a uniform grid; stochastic ones draw noise from `seed`."
+def seeded_run(sampler:str, den, x1, steps:int, path, seed:int=0, extra_args=None, callback=None):
+    ("`samplers.run_sampler` from `x1` (at t = 1) on the uniform grid of `steps` steps; a stochastic sampler's noise "
+     "from generators seeded by `(seed + 1, i)`, as `nag-toolkit sample` draws it.")
     stochastic = SAMPLERS[check_choice('sampler', sampler, SAMPLERS)].stochastic
     gens = sample_generators(seed + 1, range(len(x1))) if stochastic else None
-    return _run_registered(sampler, den, x1, time_grid(steps), path, extra_args=extra_args, callback=callback,
-                           generators=gens)
+    return run_sampler(sampler, den, x1, time_grid(steps), path, extra_args=extra_args, callback=callback,
+                       generators=gens)
 
 def start_states(gm:GaussianMixture, n:int, path, seed:int=0)->torch.Tensor:
     "Starting states at t = 1 by the samplers' rule (`start_state`), one generator per sample, seeded by `(seed, i)`."
@@ -189,7 +190,7 @@ class PosteriorExplorer(Explorer):
         self.gm, self.path = get_mixture(gm) if isinstance(gm, str) else gm, get_interpolant(path)
         den = denoiser or (lambda x, t: self.gm.denoise(x, t, self.path))
         self.rec = TrajectoryRecorder()
-        run_sampler(sampler, den, start_states(self.gm, n, self.path, seed), steps, self.path, seed, callback=self.rec)
+        seeded_run(sampler, den, start_states(self.gm, n, self.path, seed), steps, self.path, seed, callback=self.rec)
         self.posts = {'exact': ExactPosterior(self.gm, self.path, cell_centres(100).float())}
         if estimator is not None: self.posts['g'] = EstimatedPosterior(estimator); self.ncols = 3
         self.stats = {k: shift_stats(self.rec, p) for k, p in self.posts.items()}
@@ -270,7 +271,7 @@ class NAGExplorer(Explorer):
     @classmethod
     def from_run(cls, run_dir, **kwargs):
         "The explorer for a trained run (its EMA model, path and mixture, from the checkpoint's config)."
-        model, state = load_trained(run_dir)
+        model, state = load_model(run_dir)
         cfg = state['config']
         if cfg['dataset'] not in MIXTURES:
             raise ConfigError(f"run {str(run_dir)!r} was trained on {cfg['dataset']!r}; "
@@ -313,7 +314,7 @@ def _run(self:NAGExplorer, key:tuple)->dict:
     x1, rec = start_states(self.gm, self.n, self.path, seed), TrajectoryRecorder()
     traj = [x1[:self.n_traj]]
     def keep(d): rec({**d, 'x': d['x'][:self.n_shift]}); traj.append(d['x'][:self.n_traj].float())
-    x0 = run_sampler(sampler, den, x1, steps, self.path, seed, self._labels(label, seed), keep)
+    x0 = seeded_run(sampler, den, x1, steps, self.path, seed, self._labels(label, seed), keep)
     df, _ = shift_stats(rec, self.post)
     df['excess_shift'] = df.post_mean - [self.ref_mean(round(t, 6)) for t in df.t]
     return {'x0': x0, 'traj': torch.stack(traj, 1) @ self.P, 'shift': df,
@@ -378,7 +379,7 @@ def read_run(run_dir, t_bins:int=10, n_per_bin:int=128)->dict:
     run_dir = Path(run_dir)
     if not (run_dir / 'metrics.csv').exists():
         raise ConfigError(f"run {str(run_dir)!r} holds no metrics.csv; allowed: a training run folder")
-    model, state = load_trained(run_dir)
+    model, state = load_model(run_dir)
     cfg = state['config']
     gap = None
     if cfg['dataset'] in MIXTURES:

@@ -4,14 +4,18 @@
 
 # %% ../nbs/14a_intervals.ipynb #a79ebaae
 from __future__ import annotations
-import math
+import json, math
+from pathlib import Path
 import torch, pandas as pd
+from safetensors import safe_open
+from safetensors.torch import save_file
+from .core import atomic_write
 from .metrics import _flat, _f64, _sqdist, median_bandwidth, mixture_moments
 
 # %% auto #0
 __all__ = ['METRIC_RANGES', 'MIXTURE_BOOT', 'IMAGE_BOOT', 'boot_indices', 'interval', 'paired_delta', 'mmd_boot', 'sw2_boot',
            'boot_stats', 'frechet_batch', 'fd_boot', 'mixture_boot', 'prc_indicators', 'kid_boot', 'isc_boot',
-           'image_boot', 'pool_seeds', 'add_intervals', 'add_paired']
+           'image_boot', 'pool_seeds', 'add_intervals', 'add_paired', 'save_boots', 'load_boots']
 
 # %% ../nbs/14a_intervals.ipynb #85702a41
 def boot_indices(n:int, # how many items are resampled
@@ -208,3 +212,24 @@ def add_paired(res:pd.DataFrame, # one row per run, with its interval columns (`
         at = list(out.columns).index(after) + 1 if after is not None else len(out.columns)
         for k, (name, col) in enumerate(zip(names, map(list, zip(*rows)))): out.insert(at + k, name, col)
     return out
+
+# %% ../nbs/14a_intervals.ipynb #9bd451f5
+def save_boots(folder, # the study's folder: `boots.safetensors` is written there
+               boots:list, # per row of results.csv, {metric: bootstrap values [B]}
+               grids:dict)->Path: # {name: a few samples [n, ...]} for the report's figures
+    "Write a study's bootstrap values and sample grids to `boots.safetensors` (their names: JSON in its header)."
+    to_file = lambda x: torch.as_tensor(x).detach().cpu().clone(memory_format=torch.contiguous_format)
+    tensors = {f'boots.{i}.{k}': to_file(v) for i, row in enumerate(boots) for k, v in enumerate(row.values())}
+    tensors |= {f'grids.{k}': to_file(x) for k, x in enumerate(grids.values())}
+    index = json.dumps({'boots': [list(row) for row in boots], 'grids': list(grids)})
+    return atomic_write(Path(folder) / 'boots.safetensors',
+                        lambda tmp: save_file(tensors, str(tmp), metadata={'index': index}))
+
+def load_boots(folder)->dict:
+    "`{'boots': [{metric: values}, ...], 'grids': {name: samples}}` of a study folder, as `save_boots` wrote them."
+    f = Path(folder) / 'boots.safetensors'
+    if not f.exists(): return torch.load(Path(folder) / 'boots.pt', weights_only=True)   # a study from before
+    with safe_open(f, 'pt') as st:
+        index, t = json.loads(st.metadata()['index']), {k: st.get_tensor(k) for k in st.keys()}
+    boots = [{m: t[f'boots.{i}.{k}'] for k, m in enumerate(row)} for i, row in enumerate(index['boots'])]
+    return {'boots': boots, 'grids': {name: t[f'grids.{k}'] for k, name in enumerate(index['grids'])}}

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch, pandas as pd
 import matplotlib.pyplot as plt
 from .data import MIXTURES
+from .intervals import load_boots
 from .shift import plot_posterior_heatmap, plot_shift_curves, fit_error_scale, predicted_shift
 
 # %% auto #0
@@ -315,7 +316,7 @@ def _figures(cfg, res, sh, ev)->tuple:
     if ev is not None: figs['posterior_heatmaps.png'] = fig_heatmaps(ev['heat'], sh, k0)
     if ev is not None and ('cf-NAG w=1', 'euler', k0, _primary(sh)) in ev['heat']:
         figs['hero.png'] = fig_hero(ev['heat'], sh, k0)
-    grids = torch.load(Path(cfg.out) / 'boots.pt', weights_only=True)['grids'] if cfg.dataset not in MIXTURES else {}
+    grids = load_boots(cfg.out)['grids'] if cfg.dataset not in MIXTURES else {}
     names = list(_cell(res, cfg.samplers[0], k0).index)
     for s in cfg.samplers if grids else []:
         for k in cfg.steps: figs[f'samples_{s}_{k}.png'] = fig_sample_grid(grids, names, s, k)
@@ -505,7 +506,7 @@ def map_sample_grids(cfg, # the study's options (a `StudyConfig` with `models`)
      "same starting noise (every model's study draws it from the same seed).")
     if cfg.dataset in MIXTURES: return {}
     grids = {f'{n} steps: {k}': x for n, o in zip(cfg.models, outs)
-             for k, x in torch.load(Path(o) / 'boots.pt', weights_only=True)['grids'].items()}
+             for k, x in load_boots(o)['grids'].items()}
     rows = [f'{n} steps: {m}' for n in cfg.models for m in MAP_GRID_METHODS]
     return {(s, k): fig_sample_grid(grids, rows, s, k) for s in cfg.samplers for k in cfg.steps}
 

@@ -257,7 +257,7 @@ def test_guider_window_and_refusals(cond_unet):
 
 def test_finetune_from_diffusers_folder_then_sample(tmp_path):
     from nag_toolkit.cli import main
-    from nag_toolkit.train import load_trained
+    from nag_toolkit.checkpoint import load_model
     unet, sched = tiny_unet(), DDPMScheduler()
     unet.save_pretrained(tmp_path / 'model'); sched.save_pretrained(tmp_path / 'model')
     run = tmp_path / 'run'
@@ -271,7 +271,7 @@ def test_finetune_from_diffusers_folder_then_sample(tmp_path):
     back = UNet2DModel.from_pretrained(run / 'diffusers')
     tok = load_null_t(back, run / 'diffusers')
     assert tok.null_t_steps == 3
-    net, _ = load_trained(run)
+    net, _ = load_model(run)
     x, t, nt = noise(2), torch.tensor([0.3, 0.9]), torch.tensor([True, False])
     with torch.no_grad():
         a = net(x, t, null_t=nt)

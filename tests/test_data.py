@@ -218,7 +218,7 @@ def test_write_latents_splits_resumes_and_matches_the_vae(tmp_path, monkeypatch)
             'shard_size': 2, 'batch_size': 2, 'mode': 'sample', 'seed': 7, 'dtype': 'float16', 'device': 'cpu'}
     monkeypatch.setenv('RANK', '1'); monkeypatch.setenv('WORLD_SIZE', '2')
     assert write_latents(opts)['written'] == [1]
-    assert sorted(p.name for p in (tmp_path / 'lat').iterdir()) == ['shard_00001.safetensors']
+    assert sorted(p.name for p in (tmp_path / 'lat').iterdir()) == ['shard_00001.json', 'shard_00001.safetensors']
     monkeypatch.setenv('RANK', '0')
     assert write_latents(opts)['written'] == [0, 2] and write_latents(opts)['written'] == []
     x, _ = folder_dataset(tmp_path / 'img').read(range(5))

@@ -85,7 +85,7 @@ def test_help_names_the_guiders():
 @pytest.mark.parametrize('sampler', ['euler', 'euler_maruyama'])
 def test_sample_the_study_and_the_explorer_draw_the_same_samples(runs, tmp_path, sampler):
     "The same checkpoint, spec, sampler, grid, steps and seed: the same samples from the three entry points."
-    from nag_toolkit.train import load_trained
+    from nag_toolkit.checkpoint import load_model
     from nag_toolkit.guidance import Denoiser
     from nag_toolkit.study import StudyConfig, start_noise, method, build_method, sample_method
     from nag_toolkit.explorers import NAGExplorer, settings_key
@@ -93,7 +93,7 @@ def test_sample_the_study_and_the_explorer_draw_the_same_samples(runs, tmp_path,
     # one batch of 6 everywhere: a batched float kernel may round differently at another batch size
     x_cli = _sample(runs, tmp_path / 's', 'cf-nag:w=1', sampler=sampler,
                     extra=['--grid', 'uniform', '--seed', '3', '--shard-size', '6'])
-    model, state = load_trained(runs / 'good')
+    model, state = load_model(runs / 'good')
     cfg = StudyConfig(seed=3, path=state['config']['path'])
     ctx = SimpleNamespace(cfg=cfg, den=Denoiser(model, cfg.path), est=None, gm=None, path=cfg.path, data_var=1.0)
     den = build_method(method('cf-nag:w=1'), ctx)

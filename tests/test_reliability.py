@@ -8,8 +8,10 @@ from safetensors.torch import load_file
 from nag_toolkit.cli import main, COMMANDS
 from nag_toolkit.core import RunLock, LOCK_NAME
 from nag_toolkit.checkpoint import load_checkpoint, checkpoint_damage
-from nag_toolkit.sample import sample_shards, shard_done, shard_record
-from nag_toolkit.train import train, load_trained
+from nag_toolkit.sample import sample_shards
+from nag_toolkit.shards import shard_done, shard_record
+from nag_toolkit.train import train
+from nag_toolkit.checkpoint import load_model
 
 TOY = Path(__file__).resolve().parent.parent / 'nbs' / 'pipelines' / 'toy.ipynb'
 TINY = {'dataset': 'gmm32', 'dataset_options': {'n': 200}, 'model_options': {'width': 16, 'depth': 1}, 'batch_size': 16}
@@ -182,8 +184,11 @@ def test_a_damaged_checkpoint_falls_back_then_fails_on_one_line(tmp_path, capsys
     code, _, err = _cli(['train', '--out', b, *args, '--steps', '12'], capsys)
     assert code == 2 and err.count('\n') == 1 and "there is no intact checkpoint in" in err
     one = b / 'checkpoints/step_00000012'
-    code, _, err = _cli(['sample', '--checkpoint', one, '--out', tmp_path / 's', '--num-samples', '2', '--steps', '2'], capsys)
-    assert (code, err) == (2, f"error: checkpoint {one / 'optim.safetensors'} is damaged or truncated (its size or SHA-256 differs "
+    sample = lambda out: _cli(['sample', '--checkpoint', one, '--out', out, '--num-samples', '2', '--steps', '2'], capsys)
+    assert sample(tmp_path / 's')[0] == 0                       # sampling reads the weights, never the optimizer state
+    _flip(one / 'ema.safetensors')
+    code, _, err = sample(tmp_path / 's2')
+    assert (code, err) == (2, f"error: checkpoint {one / 'ema.safetensors'} is damaged or truncated (its size or SHA-256 differs "
                               "from state.json); allowed: an intact checkpoint (or its run folder)\n")
     _record('A damaged checkpoint given to sample', 'sample', err, 'nothing is written', tmp_path)
 
@@ -422,12 +427,12 @@ def _latents_argv(images:Path, out:Path, root=None)->list:
 
 def test_ctrl_c_in_latents_keeps_the_finished_shards(images, tmp_path):
     out = tmp_path / 'lat'
-    code, _, err = _ctrl_c(_latents_argv(images, out), lambda: (out / 'shard_00001.safetensors').exists(),
+    code, _, err = _ctrl_c(_latents_argv(images, out), lambda: (out / 'shard_00001.json').exists(),
                            env={'NAG_TOOLKIT_FAULT_DELAY': '0.1', 'DIFFUSERS_VERBOSITY': 'error'})  # no notices
     line = _one_line(err)
     m = re.fullmatch(rf"interrupted; the shard being encoded was not kept; (\d+) finished shard\(s\) kept in "
                      rf"{re.escape(str(out))}; the same command resumes", line)
-    shards = sorted(p.name for p in out.iterdir())
+    shards = sorted(p.name for p in out.glob('*.safetensors') if shard_record(p).exists())   # finished: recorded
     assert code == 130 and m and shards == [f'shard_{k:05d}.safetensors' for k in range(int(m[1]))], (line, shards)
     assert 2 <= int(m[1]) < 12
     _record('Ctrl-C during latent extraction', 'latents', line, "every finished shard; the partial one's temporary "
@@ -607,7 +612,7 @@ def test_a_partial_pt_checkpoint_and_a_diffusers_folder_without_its_config_are_o
     "Peer formats: a .pt lacking weights, a diffusers folder without config.json; named before any training step."
     from safetensors.torch import save_file
     from nag_toolkit.models import NULL_T_KEY
-    model, _ = load_trained(run)
+    model, _ = load_model(run)
     keys = [k for k in model.state_dict() if k != NULL_T_KEY]
     torch.save({k: v for k, v in model.state_dict().items() if k not in (NULL_T_KEY, keys[-1])}, tmp_path / 'cut.pt')
     code, _, err = _cli(['train', '--finetune-from', tmp_path / 'cut.pt', *TRAIN, '--steps', '1',

@@ -173,3 +173,43 @@ def test_cli_non_finite_state_stops_on_one_line_and_keeps_finished_shards(mlp_ru
     assert sorted(p.name for p in out.glob('shard_*')) == sorted(finished)     # shard 2 not written, nothing temporary
     assert {f: (out / f).read_bytes() for f in finished} == before
     assert all(np.isfinite(x).all() for x, _ in _npz(out).values())
+
+# --- loading reads only what sampling needs -------------------------------------------------------------------------
+
+def test_importing_sample_does_not_import_training():
+    code = "import nag_toolkit.sample, sys; assert 'nag_toolkit.train' not in sys.modules, 'train imported'"
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+def test_a_run_whose_optimizer_file_is_deleted_samples_the_same(ref, run, tmp_path):
+    "The tiny run, copied, its optimizer state deleted: `sample_shards` works and writes the same samples as before."
+    import shutil
+    shutil.copytree(run, tmp_path / 'run')
+    deleted = list((tmp_path / 'run' / 'checkpoints').glob('step_*/optim.safetensors'))
+    for f in deleted: f.unlink()
+    assert deleted
+    sample_shards(_cfg(tmp_path / 'run', tmp_path / 'out'))
+    _same(_npz(tmp_path / 'out'), ref)
+
+def test_load_model_never_opens_the_optimizer_file(run, tmp_path, monkeypatch):
+    """Garbage where the optimizer state was: `load_model` gives the checkpoint's EMA weights with no warning and opens
+    no optimizer file (neither to hash it nor to read it), while `load_checkpoint`, which a resumed run uses, refuses."""
+    import builtins, shutil, warnings
+    import torch
+    from safetensors.torch import load_file
+    from nag_toolkit.checkpoint import load_model, load_checkpoint
+    shutil.copytree(run, tmp_path / 'run')
+    ck = sorted((tmp_path / 'run' / 'checkpoints').glob('step_*'))[-1]
+    (ck / 'optim.safetensors').write_bytes(b'garbage, not a safetensors file')
+    opened, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, 'open', lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                                          # a fallback would warn
+        model, state = load_model(tmp_path / 'run')
+    monkeypatch.undo()
+    assert state['step'] == 3 and any(f.endswith('ema.safetensors') for f in opened)       # its digest was checked
+    assert not [f for f in opened if 'optim' in f], opened
+    ema = load_file(ck / 'ema.safetensors')
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match='optim.safetensors is damaged or truncated'): load_checkpoint(tmp_path / 'run')

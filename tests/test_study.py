@@ -131,17 +131,17 @@ def test_bad_study_options_fail_on_one_line(tmp_path, args, match):
     assert not (tmp_path / 's').exists()
 
 def test_shipped_digits_checkpoint_loads_digest_checked(tmp_path):
-    "The digits denoiser that ships in the package loads through `load_trained`, its digest checked, its null-t token trained."
+    "The digits denoiser that ships in the package loads through `load_model`, its digest checked, its null-t token trained."
     import shutil
     from nag_toolkit.checkpoint import SHIPPED, checkpoint_source, shipped_checkpoints
     from nag_toolkit.core import ConfigError
-    from nag_toolkit.train import load_trained
+    from nag_toolkit.checkpoint import load_model
     from nag_toolkit.study import StudyConfig, DIGITS_DEMO
     assert 'digits-denoiser' in shipped_checkpoints() and StudyConfig.from_dict(DIGITS_DEMO).init_from == 'digits-denoiser'
-    model, state = load_trained(checkpoint_source('digits-denoiser'))
+    model, state = load_model(checkpoint_source('digits-denoiser'))
     assert model.config['name'] == 'digits' and state['config']['path'] == 'linear' and state['config']['p_drop'] == 0.1
     assert model.null_t_steps == state['step'] > 0 and sorted(state['files']) == ['ema.safetensors']
     bad = tmp_path / 'damaged'                                    # one flipped byte: refused on one line
     shutil.copytree(SHIPPED / 'digits-denoiser', bad)
     f = bad / 'ema.safetensors'; b = bytearray(f.read_bytes()); b[-1] ^= 1; f.write_bytes(bytes(b))
-    with pytest.raises(ConfigError, match='is damaged or truncated'): load_trained(bad)
+    with pytest.raises(ConfigError, match='is damaged or truncated'): load_model(bad)

@@ -5,7 +5,7 @@ import pytest, torch, yaml
 from safetensors.torch import load_file
 import nag_toolkit.train as T
 from nag_toolkit.core import ConfigError
-from nag_toolkit.checkpoint import latest_checkpoint, load_checkpoint
+from nag_toolkit.checkpoint import latest_checkpoint, load_checkpoint, load_model
 
 SMALL = {'dataset': 'gmm32', 'dataset_options': {'n': 2000}, 'model_options': {'width': 64, 'depth': 2},
          'batch_size': 32, 'log_every': 2, 'ckpt_every': 1000}
@@ -133,15 +133,16 @@ def test_finetune_from_an_official_layout_dit_file(tmp_path):
     T.train(cfg)
     assert _weights(tmp_path / 'ft')[2] == 2
     assert load_checkpoint(tmp_path / 'ft')['state']['null_t_steps'] == 2     # the run folder records it
-    assert T.load_trained(tmp_path / 'ft')[0].null_t_steps == 2
+    assert load_model(tmp_path / 'ft')[0].null_t_steps == 2
 
 def test_import_pretrained_makes_a_run_folder_that_sampling_reads(tmp_path):
-    """Official-layout weights become a nag_toolkit run (step 0, EMA = the weights) that load_trained rebuilds."""
+    """Official-layout weights become a nag_toolkit run (step 0, EMA = the weights) that load_model rebuilds."""
     from nag_toolkit.models import build_model, NULL_T_KEY
     src = build_model('DiT-S/8', input_size=8, num_classes=10)
     torch.save({k: v for k, v in src.state_dict().items() if k != NULL_T_KEY}, tmp_path / 'w.pt')
-    T.import_pretrained(tmp_path / 'w.pt', tmp_path / 'run')
-    model, state = T.load_trained(tmp_path / 'run')
+    from nag_toolkit.trained import import_pretrained
+    import_pretrained(tmp_path / 'w.pt', tmp_path / 'run')
+    model, state = load_model(tmp_path / 'run')
     assert state['step'] == 0 and state['pred'] == 'eps' and state['config']['path'] == 'ddpm'
     sd = model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if k != NULL_T_KEY)
@@ -272,4 +273,4 @@ def test_nag_through_an_untrained_null_t_token_is_refused_on_one_line(tmp_path):
     m.null_t_steps = 300
     GuidedDenoiser(Denoiser(m, 'ddpm'), w_nag=2.0)
     T.train({**SMALL, 'steps': 3, 'p_drop': 0.0, 'out': str(tmp_path / 'nodrop')})
-    assert T.load_trained(tmp_path / 'nodrop')[0].null_t_steps == 0           # trained without dropout: refused too
+    assert load_model(tmp_path / 'nodrop')[0].null_t_steps == 0           # trained without dropout: refused too
