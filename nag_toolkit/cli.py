@@ -5,24 +5,52 @@
 # %% ../nbs/15c_cli.ipynb #e447cd66
 from __future__ import annotations
 import argparse, os, sys, warnings
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 import yaml
 from .core import ConfigError, RunWarning, Interrupted, WriteFailed, read_yaml_mapping, check_out_dir
+from .config import (check_field, TrainConfig, EstimatorConfig, SampleConfig, LatentsConfig, EvalConfig,
+                                StudyConfig, StudyCommand, SweepCommand, FindingsCommand, DemoCommand, PRESETS,
+                                GUIDER_NAMES)
 
 # %% auto #0
-__all__ = ['COMMANDS', 'train_options', 'parser', 'main', 'config_options', 'cmd_train', 'cmd_estimator', 'cmd_sample',
-           'study_options', 'cmd_study', 'cmd_findings', 'cmd_demo', 'cmd_sweep', 'cmd_latents', 'cmd_eval']
+__all__ = ['COMMANDS', 'train_options', 'Command', 'parser', 'main', 'add_options', 'config_options', 'cmd_train',
+           'cmd_estimator', 'cmd_sample', 'study_options', 'cmd_study', 'cmd_findings', 'cmd_demo', 'cmd_sweep',
+           'cmd_latents', 'cmd_eval']
 
 # %% ../nbs/15c_cli.ipynb #cc961adb
-COMMANDS = {}   # name -> (run(args), add_flags(parser), one-line help); filled subcommand by subcommand below
+@dataclass
+class Command:
+    "A subcommand: what runs it, the configs whose fields are its options, its one-line help."
+    run: Callable                   # run(args): the library call, imported when it runs
+    options: tuple                  # config dataclasses (nag_toolkit.config) whose fields become its flags
+    help: str                       # the one-line help
+    yaml: bool = True               # it also reads --config FILE and --set KEY=VALUE
+
+COMMANDS = {}   # name -> Command; registered subcommand by subcommand below
+
+class _Help(argparse.HelpFormatter):
+    "argparse's help, lines broken at spaces only (`cf-nag` stays whole)."
+    def _split_lines(self, text, width):
+        import textwrap
+        return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False)
+
+class _Parser(argparse.ArgumentParser):
+    "argparse, with a refused command line on one line (`error: ...`, exit status 2) instead of usage and error."
+    def error(self, message):
+        head, sep, rest = message.partition(': ')
+        ours = head.startswith('argument ') and sep and '=' in rest.split(' ')[0]   # a field's own words: as they are
+        print(f"error: {rest if ours else message + f' (see {self.prog} --help)'}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 def parser()->argparse.ArgumentParser:
-    "The `nag-toolkit` argument parser."
-    p = argparse.ArgumentParser(prog='nag-toolkit',
-                                description='Noise shift and Noise Awareness Guidance (arXiv 2510.12497).')
-    sub = p.add_subparsers(dest='command', required=True)
-    for name, (_, add, help_) in COMMANDS.items(): add(sub.add_parser(name, help=help_, description=help_))
+    "The `nag-toolkit` argument parser, generated from `COMMANDS` and the configs' fields."
+    p = _Parser(prog='nag-toolkit', description='Noise shift and Noise Awareness Guidance (arXiv 2510.12497).')
+    sub = p.add_subparsers(dest='command', required=True, parser_class=_Parser)
+    for name, c in COMMANDS.items():
+        add_options(sub.add_parser(name, help=c.help, description=c.help, formatter_class=_Help), *c.options,
+                    yaml=c.yaml)
     return p
 
 def main(argv=None):
@@ -31,7 +59,7 @@ def main(argv=None):
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            COMMANDS[args.command][0](args)
+            COMMANDS[args.command].run(args)
     except ConfigError as e: _end(f"error: {e}", 2)
     except KeyboardInterrupt as e: _end(_interrupt_line(e), 130)
     except OSError as e: _end(f"error: {_os_line(e)}", 1)
@@ -65,23 +93,73 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     tqdm.write(f"warning: {message}", file=file or sys.stderr)
 
 # %% ../nbs/15c_cli.ipynb #7dca79e0
-_FLAG_HELP = {}   # flag help beyond the default, by field name (filled by each command)
+def _flag_help(o:dict)->str:
+    "A field's `--help` line: its description, then the allowed values or range and the default."
+    doc = (o['doc'] or o['name']).replace('\n', ' ')
+    if not o['switch']:                                             # a switch's description says it all
+        allowed = f"one of: {', '.join(map(str, o['choices']))}" if o['choices'] else o['range'] or o['type']
+        if o['names']: allowed = f"each NAME or NAME:key=value,... with NAME one of: {', '.join(o['names'])}"
+        if o['known']: allowed = f"one of: {', '.join(o['known'])}, or one registered at run time"
+        many = '; repeatable' if o['type'].startswith('list') else ''
+        default = '' if o['positional'] else f"; default: {o['default']!r}"
+        doc += f" [{allowed}{many}{default}]"
+    return doc.replace('%', '%%')                                   # argparse formats the help with %
 
-def _config_flags(p:argparse.ArgumentParser, cls, what:str, example:str):
-    "One flag per scalar field of the dataclass `cls` (repeatable for a list field), plus --config and --set."
-    p.add_argument('--config', help=f'a YAML file of {what} options')
-    for f in fields(cls):
-        if str(f.type).startswith('dict'): continue
-        many = str(f.type).startswith('list')                        # a list field: the flag is repeatable
-        p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, default=None, action='append' if many else None,
-                       help=_FLAG_HELP.get(f.name, "(repeatable)" if many else f"(default: {f.default!r})"))
-    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help=f'a nested option, e.g. {example}')
+def _metavar(o:dict)->str:
+    "The placeholder of a flag's value in the usage line: NAME (a choice), SPEC (a guider), else its type."
+    if o['choices'] or o['known']: return 'NAME'
+    if o['names']: return 'SPEC'
+    kind = o['type'].split('|')[0].strip()
+    return {'int': 'N', 'float': 'X', 'bool': 'true|false', 'list': 'VALUE'}.get(kind, 'TEXT')
+
+def _item(text:str):
+    "One item of a list flag: an int or a float where the text reads as one, else the text."
+    for kind in (int, float):
+        try: return kind(text)
+        except ValueError: pass
+    return text
+
+def _flag_type(f):
+    "The parser's type for field `f`: the text coerced and checked by `check_field`, or argparse's one-line error."
+    many = str(f.type).startswith('list')
+    def parse(text:str):
+        value = None if text.lower() in ('none', 'null') and 'None' in str(f.type) else text
+        try: return check_field(f, [_item(text)])[0] if many else check_field(f, value)
+        except ConfigError as e: raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = f.name
+    return parse
+
+def add_options(p:argparse.ArgumentParser, *configs, yaml:bool=True):
+    "One typed flag per field of the config dataclasses `configs`; with `yaml`, --config FILE and --set KEY=VALUE."
+    if yaml: p.add_argument('--config', metavar='FILE', help='a YAML file of options (flags and --set override it)')
+    nested = []
+    for cls in configs:
+        types = {f.name: f for f in fields(cls)}
+        for o in cls.options():
+            f = types[o['name']]
+            if o['type'].startswith('dict'): nested.append(o); continue    # set through --set NAME.KEY=VALUE
+            flag = o['name'] if o['positional'] else '--' + o['name'].replace('_', '-')
+            many = o['type'].startswith('list')
+            if o['switch']:
+                p.add_argument(flag, dest=o['name'], action='store_true', default=None, help=_flag_help(o))
+            elif o['positional']:
+                p.add_argument(flag, type=_flag_type(f), nargs='+' if many else None, help=_flag_help(o))
+            else: p.add_argument(flag, dest=o['name'], type=_flag_type(f), default=None, metavar=_metavar(o),
+                                 action='append' if many else None, help=_flag_help(o))
+    if yaml:
+        keys = ', '.join(f"{o['name']}.KEY ({o['doc']})" for o in nested) or 'none'
+        p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                       help=f"any option, its value read as YAML (overrides the flags); nested ones: {keys}")
 
 def config_options(args:argparse.Namespace)->dict:
     "The options of a config-driven subcommand (train, sample, ...) from YAML, flags and --set, later ones winning."
     d = read_yaml_mapping(args.config) if args.config else {}
     d.update({k: v for k, v in vars(args).items() if v is not None and k not in ('config', 'set', 'command')})
-    for item in args.set:
+    return _apply_sets(d, args.set)
+
+def _apply_sets(d:dict, items:list)->dict:
+    "`d` with each `KEY=VALUE` (or `KEY.SUB=VALUE`) of `items` set, the value read as YAML."
+    for item in items:
         key, sep, val = item.partition('=')
         if not sep: raise ConfigError(f"--set {item!r} is not KEY=VALUE")
         head, _, sub = key.partition('.')
@@ -92,11 +170,6 @@ def config_options(args:argparse.Namespace)->dict:
 train_options = config_options
 
 # %% ../nbs/15c_cli.ipynb #56916c45
-def _train_flags(p:argparse.ArgumentParser):
-    "Flags of `nag-toolkit train`: one per TrainConfig field."
-    from nag_toolkit.train import TrainConfig
-    _config_flags(p, TrainConfig, 'training', 'model_options.width=128')
-
 def cmd_train(args):
     "Train or resume; prints where the run lives."
     from nag_toolkit.train import train, TrainingDiverged
@@ -104,32 +177,20 @@ def cmd_train(args):
     except TrainingDiverged as e: print(f"error: {e}", file=sys.stderr); sys.exit(1)
     if not res['stopped']: print(f"trained to step {res['step']} in {res['run']['cfg'].out}")
 
-COMMANDS['train'] = (cmd_train, _train_flags, 'train a denoiser (resumes from --out when it holds a checkpoint)')
+COMMANDS['train'] = Command(cmd_train, (TrainConfig,),
+                            'train a denoiser (resumes from --out when it holds a checkpoint)')
 
 # %% ../nbs/15c_cli.ipynb #e1a70102
-def _estimator_flags(p:argparse.ArgumentParser):
-    "Flags of `nag-toolkit estimator`: one per EstimatorConfig field (--dataset, --steps, --out, --bins, ...)."
-    from nag_toolkit.estimator import EstimatorConfig
-    _config_flags(p, EstimatorConfig, 'estimator', 'dataset_options.n=5000')
-
 def cmd_estimator(args):
     "Train or resume g(t | x); prints where the estimator and its calibration report are."
     from nag_toolkit.estimator import run_estimator
     out = run_estimator(config_options(args))
     if out: print(f"trained g(t | x) into {out} (estimator.safetensors, calibration.csv)")
 
-COMMANDS['estimator'] = (cmd_estimator, _estimator_flags,
-                         'train the noise-level estimator g(t | x) (resumes from --out)')
+COMMANDS['estimator'] = Command(cmd_estimator, (EstimatorConfig,),
+                                'train the noise-level estimator g(t | x) (resumes from --out)')
 
 # %% ../nbs/15c_cli.ipynb #283f5bf1
-def _sample_flags(p:argparse.ArgumentParser):
-    "Flags of `nag-toolkit sample`: one per SampleConfig field (--checkpoint, --out, --num-samples, --w-nag, ...)."
-    from nag_toolkit.sample import SampleConfig
-    from nag_toolkit.guidance import GUIDERS
-    _FLAG_HELP['guidance'] = (f"a guider, NAME or NAME:key=value,... (repeatable: they compose); NAME one of "
-                              f"{', '.join(GUIDERS)}; e.g. cb-nag:w=1,estimator=DIR, self-guidance:w=1,prev=true")
-    _config_flags(p, SampleConfig, 'sampling', 'sampler_options.eta=0.5')
-
 def _print_shards(res:dict):
     "Print what a sharded writer did (this process's share under torchrun)."
     who = f"rank {res['rank']}/{res['world']}: " if res['world'] > 1 else ''
@@ -144,60 +205,31 @@ def cmd_sample(args):
     except SamplingDiverged as e: print(f"error: {e}", file=sys.stderr); sys.exit(1)    # one line, no traceback
     _print_shards(res)
 
-COMMANDS['sample'] = (cmd_sample, _sample_flags,
-                      'sample shards from a checkpoint (ADM .npz or PNG; resumes; torchrun splits the shards)')
+COMMANDS['sample'] = Command(cmd_sample, (SampleConfig,),
+                             'sample shards from a checkpoint (ADM .npz or PNG; resumes; torchrun splits the shards)')
 
 # %% ../nbs/15c_cli.ipynb #3e076c59
-def _study_flags(p:argparse.ArgumentParser):
-    "Flags of `nag-toolkit study`."
-    p.add_argument('--out', default=None, help="the report folder (default: runs/study)")
-    p.add_argument('--dataset', default=None, help="a mixture preset (gmm32, ring8) or digits (default: gmm32)")
-    p.add_argument('--config', help='a YAML file of study options')
-    p.add_argument('--preset', default=None,
-                   help='a preset of options: quick, demo and digits-demo (the studies of make demo), full, '
-                        'full-digits')
-    p.add_argument('--quick', action='store_true',
-                   help='tiny budgets: a smoke run in about a minute (the preset quick)')
-    p.add_argument('--full', action='store_true',
-                   help='where NAG helps: w x steps x sampler, weak and strong denoiser (the preset full, '
-                        'or full-digits with --dataset digits)')
-    p.add_argument('--no-notebooks', action='store_true',
-                   help='run the stages in this process instead of papermill notebooks')
-    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                   help='any study option, e.g. train_steps=3000 or steps=[8,16]')
-
 def study_options(args:argparse.Namespace)->dict:
-    "The study options from the preset (--preset, --quick, --full), YAML and flags, later ones winning."
-    from nag_toolkit.study import PRESETS
-    from nag_toolkit.core import check_choice
+    "The study options: the preset (--preset, --quick, --full), then YAML, then flags, then --set."
     full = 'full-digits' if args.dataset == 'digits' else 'full'      # the map on images has its own budget
     names = [n for n, on in (('quick', args.quick), (full, args.full), (args.preset, args.preset is not None)) if on]
-    for n in names: check_choice('preset', n, PRESETS)
     d = {k: v for n in names for k, v in PRESETS[n].items()}
     if args.config: d.update(read_yaml_mapping(args.config))
-    for item in args.set:
-        key, sep, val = item.partition('=')
-        if not sep: raise ConfigError(f"--set {item!r} is not KEY=VALUE")
-        d[key] = yaml.safe_load(val)
-    if args.dataset: d['dataset'] = args.dataset
-    if args.out: d['out'] = args.out
+    command = {f.name for f in fields(StudyCommand)} | {'config', 'set', 'command'}
+    d.update({k: v for k, v in vars(args).items() if v is not None and k not in command})
     if args.no_notebooks: d['notebooks'] = False
-    return d
+    return _apply_sets(d, args.set)
 
 def cmd_study(args):
     "Run the study and print where its summary is."
     from nag_toolkit.study import run_study
     print(f"wrote {run_study(study_options(args))}")
 
-COMMANDS['study'] = (cmd_study, _study_flags,
-                     'the end-to-end noise-shift study on an embedded mixture or the digits (make demo runs it)')
+COMMANDS['study'] = Command(cmd_study, (StudyCommand, StudyConfig),
+                            'the end-to-end noise-shift study on an embedded mixture or the digits '
+                            '(make demo runs it)')
 
 # %% ../nbs/15c_cli.ipynb #694bdaf1
-def _findings_flags(p:argparse.ArgumentParser):
-    "Flags of `nag-toolkit findings`."
-    p.add_argument('studies', nargs='+', help='study folders (each with findings.json)')
-    p.add_argument('--out', default=None, help='the Markdown file to write (default: print it)')
-
 def cmd_findings(args):
     "The headline findings of one or more studies as one Markdown list (what README.md shows)."
     from nag_toolkit.study import collect_findings
@@ -212,29 +244,22 @@ def cmd_findings(args):
         print(f"wrote {args.out}")
     else: print(md)
 
-COMMANDS['findings'] = (cmd_findings, _findings_flags, 'the headline findings of study folders as one Markdown list')
+COMMANDS['findings'] = Command(cmd_findings, (FindingsCommand,),
+                               'the headline findings of study folders as one Markdown list', yaml=False)
 
 # %% ../nbs/15c_cli.ipynb #f49074f6
 def cmd_demo(args):
     "The oracle demo: sample a mixture through its exact denoiser; print the table."
     from nag_toolkit.demo import run_demo
-    check_out_dir(args.out or 'runs/demo')
-    print(run_demo(args.out or 'runs/demo').to_string(index=False))
+    out = args.out or DemoCommand.out
+    check_out_dir(out)
+    print(run_demo(out).to_string(index=False))
 
-COMMANDS['demo'] = (cmd_demo, lambda p: p.add_argument('--out', default=None),
-                    'sample a mixture through the exact oracle (Euler and Heun, several step counts)')
+COMMANDS['demo'] = Command(cmd_demo, (DemoCommand,),
+                           'sample a mixture through the exact oracle (Euler and Heun, several step counts)',
+                           yaml=False)
 
 # %% ../nbs/15c_cli.ipynb #e07ce371
-def _sweep_flags(p:argparse.ArgumentParser):
-    "Flags of `nag-toolkit sweep`."
-    p.add_argument('grid', help='the grid YAML file')
-    p.add_argument('--out', default=None,
-                   help="the sweep folder (default: the file's out, else runs/sweeps/<file name>)")
-    p.add_argument('--workers', type=int, default=None, help="runs at a time (default: the file's workers, else 1)")
-    p.add_argument('--executor', default=None, choices=['local', 'submitit', 'slurm'],
-                   help="default: the file's executor, else local")
-    p.add_argument('--dry-run', action='store_true', help='print the runs and exit')
-
 def cmd_sweep(args):
     "Run (or, with --dry-run, list) the runs of a grid file; exit 1 if any failed."
     from nag_toolkit.sweep import read_grid, plan, run_sweep
@@ -247,8 +272,9 @@ def cmd_sweep(args):
     for f in rep.failures.itertuples(): print(f"failed: {f.run} ({f.notebook}): {f.error}", file=sys.stderr)
     sys.exit(1)
 
-COMMANDS['sweep'] = (cmd_sweep, _sweep_flags,
-                     'run a pipeline notebook over a grid of parameters (papermill; local pool or submitit)')
+COMMANDS['sweep'] = Command(cmd_sweep, (SweepCommand,), yaml=False,
+                            help='run a pipeline notebook over a grid of parameters '
+                                 '(papermill; local pool or submitit)')
 
 # %% ../nbs/15c_cli.ipynb #df33130b
 def cmd_latents(args):
@@ -263,21 +289,11 @@ def cmd_eval(args):
     keys = [k for k in ('fid', 'isc_mean', 'precision', 'recall', 'kid_mean') if k in res]
     print(', '.join(f"{k} {res[k]:.4g}" for k in keys) + f" ({res['n_samples']} samples)")
 
-def _latents_flags(p:argparse.ArgumentParser):
-    "Flags of `nag-toolkit latents`: one per LatentsConfig field."
-    from nag_toolkit.data import LatentsConfig
-    _config_flags(p, LatentsConfig, 'latent extraction', 'dataset_options.root=DIR')
-
-def _eval_flags(p:argparse.ArgumentParser):
-    "Flags of `nag-toolkit eval`: one per EvalConfig field (--samples, --reference, --reference-dataset, ...)."
-    from nag_toolkit.metrics import EvalConfig
-    _config_flags(p, EvalConfig, 'evaluation', 'reference_options.root=DIR')
-
-COMMANDS['latents'] = (cmd_latents, _latents_flags,
-                       'encode an image folder or torchvision set into latent shards '
-                       '(resumes; torchrun splits the shards)')
-COMMANDS['eval'] = (cmd_eval, _eval_flags,
-                    'FID, IS, precision/recall of sample shards against a reference (writes eval.json)')
+COMMANDS['latents'] = Command(cmd_latents, (LatentsConfig,),
+                              'encode an image folder or torchvision set into latent shards '
+                              '(resumes; torchrun splits the shards)')
+COMMANDS['eval'] = Command(cmd_eval, (EvalConfig,),
+                           'FID, IS, precision/recall of sample shards against a reference (writes eval.json)')
 
 # %% ../nbs/15c_cli.ipynb #bcb9ee2b
 #| eval: false
