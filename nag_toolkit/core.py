@@ -12,7 +12,8 @@ from pathlib import Path
 __all__ = ['LOCK_NAME', 'ConfigError', 'check_choice', 'check_range', 'cli_errors', 'check_finite', 'coerce', 'config_from_dict',
            'first_line', 'read_yaml_mapping', 'check_out_dir', 'RunWarning', 'warn', 'RunLock', 'file_digest',
            'digest_ok', 'fault_point', 'Interrupted', 'WriteFailed', 'as_os_error', 'remove', 'writing', 'atomic_write',
-           'hold_interrupts', 'progress_interval', 'progress', 'sample_seed', 'sample_generators', 'randn_per_sample']
+           'hold_interrupts', 'progress_interval', 'progress', 'sample_seed', 'sample_generators', 'randn_per_sample',
+           'pick_device']
 
 # %% ../nbs/00_core.ipynb #a8a6e9ad
 class ConfigError(ValueError):
@@ -323,3 +324,11 @@ def randn_per_sample(shape, # shape of ONE sample
     import torch
     dtype = dtype or torch.float32
     return torch.stack([torch.randn(tuple(shape), generator=g, device=device, dtype=dtype) for g in generators])
+
+# %% ../nbs/00_core.ipynb #66b43f59
+def pick_device(name='auto'): # 'auto', 'cpu', 'cuda', 'cuda:1', ... (or a `torch.device`)
+    "The device `name` names; 'auto': this process's GPU (torchrun's LOCAL_RANK) when there is CUDA, else the CPU."
+    import torch                                              # at call time: core loads without torch
+    if name != 'auto': return torch.device(name)
+    if not torch.cuda.is_available(): return torch.device('cpu')
+    return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))

@@ -14,14 +14,17 @@ from fastcore.basics import patch
 from torch.utils.data import Dataset, DataLoader, Subset
 from safetensors.torch import save_file, load_file
 from .core import (ConfigError, check_choice, check_range, first_line, config_from_dict,
-                              randn_per_sample, sample_generators, writing, Interrupted, fault_point)
+                              randn_per_sample, sample_generators, Interrupted)
+from .core import pick_device
+from .shards import shard_path, shard_needed, record_shard, write_shard, clear_stale
 from .analytic import GaussianMixture
+from .config import LatentsConfig
 
 # %% auto #0
-__all__ = ['GMM32_SEED', 'MIXTURES', 'TOYS', 'DATASETS', 'as_indices', 'BatchDataset', 'ArrayDataset', 'get_mixture',
-           'mixture_dataset', 'toy_dataset', 'digits_dataset', 'center_crop_arr', 'image_transform', 'ImageDataset',
-           'torchvision_dataset', 'folder_dataset', 'save_latent_shard', 'MappedArray', 'LatentShards',
-           'latent_dataset', 'extract_latents', 'get_dataset', 'LatentsConfig', 'write_latents']
+__all__ = ['GMM32_SEED', 'MIXTURES', 'TOYS', 'DATASETS', 'LATENT_WIDTH', 'as_indices', 'BatchDataset', 'ArrayDataset',
+           'get_mixture', 'mixture_dataset', 'toy_dataset', 'digits_dataset', 'center_crop_arr', 'image_transform',
+           'ImageDataset', 'torchvision_dataset', 'folder_dataset', 'save_latent_shard', 'MappedArray', 'LatentShards',
+           'latent_dataset', 'extract_latents', 'get_dataset', 'write_latents']
 
 # %% ../nbs/03_data.ipynb #21ee77d4
 def as_indices(indices, # a list, range, numpy array or tensor of row numbers
@@ -243,7 +246,7 @@ def save_latent_shard(path, # file to write; '.safetensors' is appended if missi
                       labels, # integer labels, [N]
                       metadata:dict|None=None, # strings kept in the file's header (num_classes, vae, ...)
                       kept='the finished shards beside it are kept')->Path: # what is intact if the write fails
-    "Write one shard of latents and labels as a `.safetensors` file, atomically; returns its path."
+    "Write one shard of latents and labels as a `.safetensors` file and its record (`shards.write_shard`)."
     path = Path(path)
     if path.suffix != '.safetensors': path = path.with_name(path.name + '.safetensors')
     latents = torch.as_tensor(latents).detach().cpu().contiguous()
@@ -251,13 +254,10 @@ def save_latent_shard(path, # file to write; '.safetensors' is appended if missi
     if labels.shape != (len(latents),):
         raise ConfigError(f"labels has shape {tuple(labels.shape)}; allowed: ({len(latents)},)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    strings = {k: str(v) for k, v in (metadata or {}).items()}
-    with writing(path, kept, temps=[tmp]):           # a full disk: one line, and no temporary file left
-        save_file({'latents': latents, 'labels': labels}, str(tmp), metadata=strings)
-        fault_point('latents.write')                 # where the tests stop it (or slow it down)
-        os.replace(tmp, path)
-    return path
+    tensors, strings = {'latents': latents, 'labels': labels}, {k: str(v) for k, v in (metadata or {}).items()}
+    # made under a temporary name, renamed into place and recorded; a full disk: one line, no temporary file left
+    return write_shard(path, lambda tmp: save_file(tensors, str(tmp), metadata=strings), len(latents), kept,
+                       fault='latents')
 
 _ST_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16', 'I64': 'int64', 'I32': 'int32',
               'I16': 'int16', 'I8': 'int8', 'U8': 'uint8', 'BOOL': 'bool'}
@@ -460,37 +460,6 @@ def get_dataset(dataset:str, # a name of `DATASETS`
             raise ConfigError(f"dataset {dataset!r} needs option {k!r}; allowed: {allowed}")
     return loader(**options)
 
-# %% ../nbs/03_data.ipynb #4983305e
-@dataclass
-class LatentsConfig:
-    "What `nag-toolkit latents` does: which images, which VAE, and how the shards are cut."
-    dataset: str = 'folder'         # 'folder' or 'torchvision'
-    dataset_options: dict = field(default_factory=dict)  # root, image_size (256 for DiT), name, train, ...
-    vae: str = 'stabilityai/sd-vae-ft-ema'  # a local folder or a hub name
-    out: str = 'runs/latents'       # the shard folder
-    shard_size: int = 10_000        # images per shard (flipped copies add as many rows)
-    batch_size: int = 32            # images encoded at once
-    flip: bool = False              # also store the latents of the horizontally flipped images
-    mode: str = 'mean'              # 'mean' of the encoder's distribution, or a 'sample' seeded per image
-    scale: float = 0.18215          # latent scaling factor
-    dtype: str = 'float32'          # stored dtype: 'float32', 'float16' or 'bfloat16'
-    seed: int = 0                   # seed of mode='sample'
-    num_workers: int = 0            # DataLoader processes decoding images
-    device: str = 'auto'            # 'auto' (CUDA of this process's local rank when available), 'cpu', 'cuda:1', ...
-
-@patch(cls_method=True)
-def from_dict(cls:LatentsConfig, d:dict)->LatentsConfig:
-    "A `LatentsConfig` from a plain dict, validated field by field."
-    return config_from_dict(cls, d, 'latents option')
-
-def _check_latents_config(c:LatentsConfig)->LatentsConfig:
-    "Check every choice and range of `c` (returned unchanged)."
-    check_choice('dataset', c.dataset, ('folder', 'torchvision')); check_choice('mode', c.mode, ('mean', 'sample'))
-    check_choice('dtype', c.dtype, ('float32', 'float16', 'bfloat16'))
-    for k in ('shard_size', 'batch_size'): check_range(k, getattr(c, k), lo=1)
-    check_range('num_workers', c.num_workers, lo=0); check_range('scale', c.scale, lo=0, lo_open=True)
-    return c
-
 # %% ../nbs/03_data.ipynb #5f865f9f
 def _encode(vae, x, indices, cfg:LatentsConfig)->torch.Tensor:
     "Latents times `scale` of images `x` (dataset rows `indices`): the posterior mean, or a sample seeded per image."
@@ -515,30 +484,43 @@ def _encode_shard(vae, ds, start:int, stop:int, cfg:LatentsConfig, bar)->tuple:
     return torch.cat(z + zf), torch.cat([y, y] if cfg.flip else [y])
 
 # %% ../nbs/03_data.ipynb #77c5760f
-def _vae_device(name:str)->torch.device:
-    "The device to encode on: CUDA of this process's local rank when available for 'auto'."
-    if name != 'auto': return torch.device(name)
-    if not torch.cuda.is_available(): return torch.device('cpu')
-    return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+LATENT_WIDTH = 5    # shards are `shard_{k:05d}.safetensors`, as since the first release: older folders resume
 
 def _latent_shard(vae, ds, dst:Path, span:tuple, cfg:LatentsConfig, bar, meta:dict, kept:str):
     "Encode dataset rows `span` = (start, stop) and write them as the shard `dst` (atomically)."
     z, y = _encode_shard(vae, ds, *span, cfg, bar)
     save_latent_shard(dst, z.to(getattr(torch, cfg.dtype)), y, {**meta, 'rows': f'{span[0]}:{span[1]}'}, kept)
 
+def _adopt(dst:Path, rows:int)->bool:
+    "Record a shard of a folder written before the records (True) where it opens whole with `rows` rows; else False."
+    if not dst.exists(): return False
+    try: whole = _open_shard(dst)[0].shape[0] == rows          # its header and its size agree
+    except ConfigError: whole = False
+    if whole: record_shard(dst, rows)
+    return whole
+
+def _latents_todo(out:Path, mine:list, rows)->list:
+    "The shards of `mine` to encode: not finished and intact (`shards.shard_needed`), nor adopted from an old folder."
+    dst = lambda k: shard_path(out, k, '.safetensors', LATENT_WIDTH)
+    older = out.is_dir() and not any(out.glob('shard_*.json'))     # a folder written before shards had records
+    return [k for k in mine if shard_needed(dst(k), rows(k), 'encoding it again')
+            and not (older and _adopt(dst(k), rows(k)))]
+
 def write_latents(cfg:LatentsConfig|dict, # the options (a `LatentsConfig` or a dict of its fields)
                   vae=None)->dict: # an `AutoencoderKL` already loaded; None: load `cfg.vae`
     "Encode an image dataset into latent shards in `cfg.out` (this process's shards under torchrun); resumable."
-    cfg = _check_latents_config(LatentsConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg)
+    cfg = (LatentsConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg.validate())
     from nag_toolkit.core import check_out_dir, progress
     check_out_dir(cfg.out)                            # a folder that cannot be written: one line, before any work
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     ds = get_dataset(cfg.dataset, **cfg.dataset_options)
     n_shards, out = math.ceil(len(ds) / cfg.shard_size), Path(cfg.out)
     mine = list(range(rank, n_shards, world))
-    todo = [k for k in mine if not (out / f'shard_{k:05d}.safetensors').exists()]
-    vae = (_load_vae(cfg.vae, _vae_device(cfg.device)) if vae is None else vae) if todo else None
     span = lambda k: (k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(ds)))
+    rows = lambda k: (span(k)[1] - span(k)[0]) * (2 if cfg.flip else 1)          # flipped copies: as many again
+    if rank == 0 and out.is_dir(): clear_stale(out)                              # temporary shards of killed writers
+    todo = _latents_todo(out, mine, rows)
+    vae = (_load_vae(cfg.vae, pick_device(cfg.device)) if vae is None else vae) if todo else None
     meta = {'vae': cfg.vae if isinstance(cfg.vae, str) else '', 'scale': cfg.scale, 'mode': cfg.mode, 'flip': cfg.flip,
             'num_classes': ds.num_classes, 'images': len(ds)}
     done = len(mine) - len(todo)
@@ -546,7 +528,8 @@ def write_latents(cfg:LatentsConfig|dict, # the options (a `LatentsConfig` or a 
         for k in todo:
             kept = (f"{done} finished shard(s) kept in {out}; free space (or fix the folder) and run the same "
                     "command again to resume")
-            try: _latent_shard(vae, ds, out / f'shard_{k:05d}', span(k), cfg, bar, meta, kept)
+            dst = shard_path(out, k, '.safetensors', LATENT_WIDTH)
+            try: _latent_shard(vae, ds, dst, span(k), cfg, bar, meta, kept)
             except KeyboardInterrupt:                 # the shard in flight is not on disk (its temporary file removed)
                 raise Interrupted(f"interrupted; the shard being encoded was not kept; {done} finished shard(s) "
                                   f"kept in {out}; the same command resumes") from None

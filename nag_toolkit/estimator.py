@@ -13,18 +13,20 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from .core import ConfigError, check_choice, check_range, sample_seed, progress as progress_bar
 from .perf import as_t
+from .config import EstimatorConfig
 from .core import config_from_dict, check_out_dir, warn, writing, atomic_write, Interrupted
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, DATASETS
 from .checkpoint import save_checkpoint, latest_checkpoint, load_checkpoint, checkpoint_kept
-from .train import (pick_device, init_distributed, StopFlag, _agree, _log, _take_folder, _trim_log,
-                              _interrupted)
+from .core import pick_device
+from .runs import (init_distributed, StopFlag, agree, take_folder, trim_log, log_row,
+                              interrupted_line)
 
 # %% auto #0
 __all__ = ['ESTIMATOR_RESUME_FREE', 'MLPEncoder', 'ConvEncoder', 'DiTFeatureHead', 'NoiseLevelEstimator', 'build_estimator',
            'estimator_batch', 'estimator_optimizer', 'estimator_step', 'train_estimator', 'save_estimator',
-           'load_estimator', 'exact_bin_posterior', 'calibration', 'EstimatorConfig', 'check_estimator',
-           'forward_check', 'calibration_report', 'run_estimator']
+           'load_estimator', 'exact_bin_posterior', 'calibration', 'check_estimator', 'forward_check',
+           'calibration_report', 'run_estimator']
 
 # %% ../nbs/12_estimator.ipynb #bfc258f8
 class MLPEncoder(nn.Module):
@@ -223,53 +225,17 @@ def calibration(est:NoiseLevelEstimator, gm, path='linear', t_bins:int=10, n_per
     return pd.DataFrame(rows)
 
 # %% ../nbs/12_estimator.ipynb #e1a70002
-@dataclass
-class EstimatorConfig:
-    "Everything an estimator run depends on; `check_estimator` validates it."
-    dataset: str = 'gmm32'          # a name of nag_toolkit.data: a mixture, a toy, digits, folder, torchvision, latents
-    dataset_options: dict = field(default_factory=dict)  # passed to get_dataset (n, seed, root, path, ...)
-    path: str = 'linear'            # the interpolant whose forward states g learns to read
-    bins: int = 100                 # G, equal bins of [t_min, t_max]
-    t_min: float = 0.0
-    t_max: float = 1.0
-    width: int = 256                # the MLP backbone (vectors): its width and depth
-    depth: int = 3
-    channels: int = 32              # the convolutional backbone (images): its first layer's channels, a multiple of 8
-    steps: int = 2000               # optimizer steps in all; the one-cycle learning-rate schedule spans them
-    batch_size: int = 512           # global batch, split evenly across processes
-    lr: float = 2e-3                # the schedule's peak learning rate
-    seed: int = 0                   # the initial weights and every batch
-    log_every: int = 50             # a row of out/metrics.csv every log_every steps
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2       # checkpoints kept (0 keeps all)
-    t_bins: int = 10                # calibration.csv: bins of the true t ...
-    n_per_bin: int = 256            # ... and forward states in each
-    device: str = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-    out: str = 'runs/estimator'     # the run folder: checkpoints, metrics.csv, the estimator, calibration.csv
-
 ESTIMATOR_RESUME_FREE = {'log_every', 'ckpt_every', 'keep_checkpoints', 't_bins', 'n_per_bin', 'device', 'out'}
 
 def check_estimator(cfg:EstimatorConfig|dict, # the options: an `EstimatorConfig` or a dict of its fields
                     world:int=1)->EstimatorConfig: # processes sharing each batch
     "Every option's type and range, checked before any work: a validated copy, or a one-line ConfigError."
-    c = config_from_dict(EstimatorConfig, asdict(cfg) if is_dataclass(cfg) else cfg, 'noise-level estimator option')
-    check_choice('dataset', c.dataset, DATASETS); check_choice('path', c.path, INTERPOLANTS)
-    for name in ('steps', 'batch_size', 'width', 'depth', 'log_every', 'ckpt_every', 't_bins', 'n_per_bin'):
-        check_range(name, getattr(c, name), 1)
-    check_range('bins', c.bins, 2); check_range('lr', c.lr, 0, lo_open=True)
-    check_range('keep_checkpoints', c.keep_checkpoints, 0)
-    check_range('t_min', c.t_min, 0, c.t_max, hi_open=True); check_range('t_max', c.t_max, c.t_min, 1, lo_open=True)
-    if c.channels < 8 or c.channels % 8:
-        raise ConfigError(f"channels={c.channels} is not allowed; allowed: a positive multiple of 8")
+    c = EstimatorConfig.from_dict(asdict(cfg) if is_dataclass(cfg) else cfg)   # types, choices, ranges
+    check_choice('path', c.path, INTERPOLANTS)                # the registry, which a diffusers folder extends
     if c.batch_size % world:
         raise ConfigError(f"batch_size={c.batch_size} is not divisible by the world size {world}; "
                           f"allowed: a multiple of {world}")
     return c
-
-@patch(cls_method=True)
-def from_dict(cls:EstimatorConfig, d:dict)->EstimatorConfig:
-    "A validated `EstimatorConfig` from a plain dict (YAML, flags, papermill parameters)."
-    return check_estimator(d)
 
 # %% ../nbs/12_estimator.ipynb #e1a70005
 @torch.no_grad()
@@ -305,12 +271,12 @@ def _estimator_setup(cfg:EstimatorConfig, held:contextlib.ExitStack)->dict:
                           t_min=cfg.t_min, t_max=cfg.t_max).to(device)
     run = {'cfg': cfg, 'device': device, 'rank': rank, 'world': world, 'ds': ds, 'est': est,
            'path': get_interpolant(cfg.path), 'step': 0}
-    _take_folder(run, held)                                   # every option checked: make the folder and lock it
+    take_folder(run, held)                                   # every option checked: make the folder and lock it
     # the newest intact checkpoint, if any: weights, then the optimizer and the schedule placed after its step
     ck = load_checkpoint(cfg.out) if latest_checkpoint(cfg.out) is not None else None
     if ck is not None: _resume_estimator(run, ck)
     run['opt'], run['sched'] = estimator_optimizer(est, cfg.lr, cfg.steps, run['step'], ck and ck['optimizer'])
-    if rank == 0: _trim_log(Path(cfg.out) / 'metrics.csv', run['step'])    # rows a killed run logged past it
+    if rank == 0: trim_log(Path(cfg.out) / 'metrics.csv', run['step'])    # rows a killed run logged past it
     return run
 
 def _resume_estimator(run:dict, ck:dict):
@@ -353,10 +319,10 @@ def _estimator_steps(run:dict)->str|None:
             run['step'] += 1; bar.update(1)
             # a row of metrics.csv now and then (rank 0)
             if run['rank'] == 0 and (run['step'] % cfg.log_every == 0 or run['step'] == cfg.steps):
-                _log(run, {'step': run['step'], 'loss': loss.item(), 'lr': run['sched'].get_last_lr()[0],
+                log_row(run, {'step': run['step'], 'loss': loss.item(), 'lr': run['sched'].get_last_lr()[0],
                            'seconds': time.perf_counter() - t0})
             # stop when any process got a signal; else a checkpoint every ckpt_every steps
-            if _agree(flag.signal is not None, run, dev): stopped = flag.signal or 'signal'; break
+            if agree(flag.signal is not None, run, dev): stopped = flag.signal or 'signal'; break
             if run['step'] % cfg.ckpt_every == 0: _estimator_checkpoint(run)
         bar.close()
         # the last steps, or the stop, checkpointed too (a Ctrl-C during it waits, then counts as a stop)
@@ -373,8 +339,8 @@ def run_estimator(cfg:EstimatorConfig|dict)->Path|None:
         run['saved'] = run['step'] or None            # the step of the checkpoint it resumed from
         # Ctrl-C: the step in flight ends and is checkpointed, then one line (`Interrupted`)
         try: stopped = _estimator_steps(run)
-        except KeyboardInterrupt: raise Interrupted(_interrupted(run)) from None    # a second Ctrl-C: at once
-        if stopped == 'SIGINT': raise Interrupted(_interrupted(run))
+        except KeyboardInterrupt: raise Interrupted(interrupted_line(run)) from None    # a second Ctrl-C: at once
+        if stopped == 'SIGINT': raise Interrupted(interrupted_line(run))
         if stopped and run['rank'] == 0:
             print(f"received {stopped}: checkpointed at step {run['step']} in {cfg.out}; "
                   "run the same command again to resume")

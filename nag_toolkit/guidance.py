@@ -14,14 +14,14 @@ from .core import ConfigError, check_choice, check_range, check_finite
 from .perf import as_t, expand_t, shared_time, host_time
 from .interpolants import get_interpolant, PRED_KINDS
 from .analytic import GaussianMixture
-from .samplers import Denoised, call_denoiser
+from .samplers import Denoised, call_denoiser, Denoiser
 
 # %% auto #0
-__all__ = ['COND', 'NULL_Y', 'NULL_T', 'GUIDERS', 'nag_mix', 'Denoiser', 't_marginal_prediction', 'MixtureModel', 'Branch',
-           'Guider', 'in_interval', 'step_on', 'GuidedDenoiser', 'network_rows', 'ClassifierFreeGuidance',
-           'ClassifierFreeNAG', 'interp_log_posterior', 'exact_log_posterior', 'ClassifierNAG', 'EpsScaling',
-           'TimeShift', 'load_denoiser', 'Autoguidance', 'SelfGuidance', 'exact_t_mean', 'NoiseLevelCorrection',
-           'NoiseUnconditional', 'NoGuidance', 'parse_spec', 'get_guider', 'guide']
+__all__ = ['COND', 'NULL_Y', 'NULL_T', 'GUIDERS', 'nag_mix', 't_marginal_prediction', 'MixtureModel', 'Branch', 'Guider',
+           'in_interval', 'step_on', 'GuidedDenoiser', 'network_rows', 'ClassifierFreeGuidance', 'ClassifierFreeNAG',
+           'interp_log_posterior', 'exact_log_posterior', 'ClassifierNAG', 'EpsScaling', 'TimeShift', 'load_denoiser',
+           'Autoguidance', 'SelfGuidance', 'exact_t_mean', 'NoiseLevelCorrection', 'NoiseUnconditional', 'NoGuidance',
+           'parse_spec', 'get_guider', 'guide']
 
 # %% ../nbs/06_guidance.ipynb #3f572604
 def nag_mix(cond, # the conditional output, f(c, t)
@@ -29,31 +29,6 @@ def nag_mix(cond, # the conditional output, f(c, t)
             w): # guidance weight; 0 returns `cond`
     "The classifier-free guidance mix `(w + 1) * cond - w * uncond`."
     return (w + 1) * cond - w * uncond
-
-# %% ../nbs/06_guidance.ipynb #f62f5e54
-class Denoiser:
-    "A network `model(x, t, y=None, null_t=None, null_y=None)` of native kind `pred`, as the samplers' x0 denoiser."
-    def __init__(self, model, # the network (any callable with that interface)
-                 path, # the path it was trained on (name or Interpolant)
-                 pred:str|None=None): # its native prediction; None: `model.pred`
-        self.model, self.path = model, get_interpolant(path)
-        self.pred = check_choice('pred', pred or getattr(model, 'pred', None), PRED_KINDS)
-        self.rows = 0                   # samples evaluated so far (see `network_rows`: NFE = rows / batch)
-
-    def outputs(self, x, t, **extra):
-        "The network's native prediction and its variance values (None without extra output channels), from one call."
-        self.rows += len(x)
-        out, c = self.model(x, as_t(t, x), **extra), getattr(self.model, 'pred_channels', None)
-        return (out, None) if c is None or out.shape[1] == c else (out[:, :c], out[:, c:])
-
-    def native(self, x, t, **extra): return self.outputs(x, t, **extra)[0]
-    def to_x0(self, out, x, t): return self.path.convert(out, x, as_t(t, x), self.pred, 'x0')
-    def denoise(self, x, t, **extra)->Denoised:
-        "The record a sampler reads: x0, the native prediction and the variance values."
-        out, var = self.outputs(x, t, **extra)
-        return Denoised(self.to_x0(out, x, t), native=out, pred=self.pred, var_values=var)
-    def __call__(self, x, t, **extra): return self.denoise(x, t, **extra).x0
-    def __repr__(self): return f"Denoiser({type(self.model).__name__}, path={self.path.name!r}, pred={self.pred!r})"
 
 # %% ../nbs/06_guidance.ipynb #4adbea24
 def _kind_coefs(kind, a, s, da, ds):
@@ -476,8 +451,8 @@ class TimeShift(Guider):
 # %% ../nbs/06_guidance.ipynb #7574a2ee
 def load_denoiser(checkpoint, device='cpu', which:str='ema')->Denoiser:
     "The `Denoiser` of a training run folder or checkpoint folder (its network, path and prediction kind)."
-    from nag_toolkit.train import load_trained
-    model, state = load_trained(checkpoint, which, device)
+    from nag_toolkit.checkpoint import load_model         # at call time: the checkpoint chapter comes later
+    model, state = load_model(checkpoint, which, device)
     return Denoiser(model, state['config']['path'], pred=state['pred'])
 
 class Autoguidance(Guider):

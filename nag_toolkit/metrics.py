@@ -23,7 +23,9 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from .core import ConfigError, check_choice, check_range, config_from_dict
+from .core import file_digest, pick_device
 from .data import get_dataset
+from .config import EvalConfig
 
 # %% auto #0
 __all__ = ['DIGITS_NET_VERSION', 'IMAGE_SUFFIXES', 'sqrtm_psd', 'frechet_distance', 'gaussian_stats', 'sliced_w2',
@@ -32,7 +34,7 @@ __all__ = ['DIGITS_NET_VERSION', 'IMAGE_SUFFIXES', 'sqrtm_psd', 'frechet_distanc
            'train_digits_features', 'DigitsFeatureExtractor', 'register_digits_extractor', 'Images', 'npz_images',
            'folder_images', 'as_images', 'inception_weights_path', 'metric_layers', 'load_feature_extractor',
            'extract_features', 'reference_cache_path', 'reference_features', 'image_metrics', 'UInt8Images',
-           'fid_from_npz', 'EvalConfig', 'dataset_images', 'evaluate']
+           'fid_from_npz', 'dataset_images', 'evaluate']
 
 # %% ../nbs/14_metrics.ipynb #f988c0c0
 def _f64(a)->torch.Tensor:
@@ -416,18 +418,15 @@ def inception_weights_path(inception_weights=None, # a local copy of torch-fidel
     return str(cached)
 
 @functools.lru_cache(maxsize=32)
-def _file_digest(path:str, size:int, mtime_ns:int)->str:
-    "sha256 of a file's bytes (cached per path, size and modification time)."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
-    return h.hexdigest()
+def _cached_sha256(path:str, size:int, mtime_ns:int)->str:
+    "The SHA-256 of a file (`core.file_digest`), computed once per path, size and modification time."
+    return file_digest(path)['sha256']
 
 def _weights_id(path)->str:
     "A short hash of a weights file ('default' without one)."
     if path is None: return 'default'
     st = Path(path).stat()
-    return _file_digest(str(path), st.st_size, st.st_mtime_ns)[:16]
+    return _cached_sha256(str(path), st.st_size, st.st_mtime_ns)[:16]
 
 # %% ../nbs/14_metrics.ipynb #cc411627
 def metric_layers(fe_name:str)->dict:
@@ -438,15 +437,13 @@ def metric_layers(fe_name:str)->dict:
     if 'logit' in isc: out['isc'] = isc
     return out
 
-def _default_device()->str: return 'cuda' if torch.cuda.is_available() else 'cpu'
-
 def load_feature_extractor(name:str='nag-digits', # a name in torch-fidelity's registry
                            layers=None, # feature layers to produce; those of `metric_layers(name)` if None
                            feature_net_path=None, # weights of 'nag-digits' (or of another registered extractor)
                            inception_weights=None, # weights of 'inception-v3-compat' (a local .pth)
                            download:bool=True, # allow downloading the Inception weights if they are missing
                            cache_dir=None, # where 'nag-digits' is trained/kept if `feature_net_path` is None
-                           device=None): # 'cuda' when available if None
+                           device=None): # None: 'auto' (`core.pick_device`)
     "A torch-fidelity feature extractor, with its weights resolved offline where possible."
     check_choice('feature_extractor', name, FEATURE_EXTRACTORS_REGISTRY)
     layers = sorted(set(layers or metric_layers(name).values()))
@@ -456,7 +453,7 @@ def load_feature_extractor(name:str='nag-digits', # a name in torch-fidelity's r
     fe = create_feature_extractor(name, layers, cuda=False, verbose=False,
                                   feature_extractor_weights_path=None if path is None else str(path))
     fe.weights_id = _weights_id(path)
-    return fe.to(device or _default_device())
+    return fe.to(pick_device(device or 'auto'))
 
 # %% ../nbs/14_metrics.ipynb #b02cc6f6
 def _cache_key(*parts)->str: return hashlib.sha256('|'.join(map(str, parts)).encode()).hexdigest()[:32]
@@ -586,33 +583,6 @@ def fid_from_npz(samples, # an .npz (arr_0 uint8 NHWC) or a folder of .npz shard
     return {'fid': frechet_distance(*gaussian_stats(f), mu, sigma), 'n_samples': len(f), 'n_reference': n_ref}
 
 # %% ../nbs/14_metrics.ipynb #ebcfa409
-@dataclass
-class EvalConfig:
-    "What `nag-toolkit eval` measures: sample shards against a reference, on one feature extractor."
-    samples: str = ''               # sample shards (.npz, arr_0 uint8 NHWC), one .npz, or a folder of images
-    reference: str | None = None    # ADM's reference batch .npz, a folder of .npz shards or of images
-    reference_dataset: str | None = None  # or a dataset of nag_toolkit.data: 'folder', 'torchvision', 'digits', ...
-    reference_options: dict = field(default_factory=dict)  # its options (root, image_size, name, ...)
-    num_samples: int | None = None  # the first this many samples (None: all)
-    feature_extractor: str = 'inception-v3-compat'  # or 'nag-digits' (8x8 digits, offline), or another registered one
-    inception_weights: str | None = None  # torch-fidelity's Inception weights file; None: torch hub's cache
-    download: bool = True           # allow downloading the Inception weights when they are not cached
-    feature_net_path: str | None = None   # weights of other extractors ('nag-digits': trained into the cache if None)
-    cache_dir: str | None = None    # reference-feature cache; `default_cache_dir()` if None
-    image_size: int | None = None   # resize + centre-crop images read from folders
-    batch_size: int = 200           # images per forward pass
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    prc_neighborhood: int = 3       # k of precision/recall's k-NN balls
-    seed: int = 2020                # KID subsets and IS shuffle (torch-fidelity's default)
-    device: str = 'auto'            # 'auto': CUDA when available
-    out: str | None = None          # folder of eval.json; None: the samples' folder
-
-@patch(cls_method=True)
-def from_dict(cls:EvalConfig, d:dict)->EvalConfig:
-    "An `EvalConfig` from a plain dict, types checked field by field."
-    return config_from_dict(cls, d, 'eval option')
-
 def dataset_images(ds)->Images:
     "The images of a dataset of `nag_toolkit.data` (floats in [-1, 1], `[C, H, W]`) as uint8 batches."
     if ds.meta.get('name') == 'latents' or len(ds.shape) != 3:
@@ -652,8 +622,7 @@ def _eval_metrics(f:dict, ref:dict|None, stats, layers:dict, cfg:EvalConfig)->di
 # %% ../nbs/14_metrics.ipynb #28fe936a
 def evaluate(cfg:EvalConfig|dict)->dict:
     "FID, KID, precision/recall and IS of sample shards against a reference; also written to `out/eval.json`."
-    cfg = EvalConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    for k in ('batch_size', 'kid_subsets', 'kid_subset_size', 'prc_neighborhood'): check_range(k, getattr(cfg, k), lo=1)
+    cfg = EvalConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg.validate()   # types, choices, ranges
     out = Path(cfg.out) if cfg.out else (Path(cfg.samples) if Path(cfg.samples).is_dir() else Path(cfg.samples).parent)
     from nag_toolkit.core import check_out_dir
     check_out_dir(out)                                # a folder that cannot be written: one line, before any work

@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_sample.ipynb #3391d250
 from __future__ import annotations
-import contextlib, dataclasses, json, math, os, shutil, zipfile
+import contextlib, dataclasses, json, math, os, zipfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -12,85 +12,31 @@ import torch
 from fastcore.basics import patch
 from .core import ConfigError, check_choice, check_range, config_from_dict
 from .core import sample_generators, randn_per_sample
-from .core import check_out_dir, RunLock, progress, file_digest, digest_ok, fault_point, warn, _alive
-from .core import writing, atomic_write, Interrupted
+from .core import check_out_dir, RunLock, progress, pick_device
+from .core import atomic_write, Interrupted
 from .interpolants import get_interpolant
+from .config import SampleConfig
 from .samplers import GRID_KINDS, SAMPLERS, time_grid, sde_grid, sampler_options, run_sampler, start_state
 from .samplers import FiniteWatch, SamplingDiverged
 from .guidance import Denoiser, GuidedDenoiser, get_guider
-from .train import load_trained, pick_device
+from .checkpoint import load_model
+from .shards import shard_path, shard_needed, write_shard, clear_stale
 
 # %% auto #0
-__all__ = ['GRIDS', 'FORMATS', 'LAYOUTS', 'RESUME_FREE', 'SampleConfig', 'check_config', 'sampling_grid', 'sample_shape',
-           'guidance_specs', 'load_job', 'draw_samples', 'decode_latents', 'to_uint8_nhwc', 'encode', 'shard_range',
-           'rank_shards', 'shard_path', 'shard_record', 'shard_state', 'shard_done', 'shard_count', 'write_npz',
-           'write_png', 'world_info', 'make_shard', 'sample_shards']
-
-# %% ../nbs/16_sample.ipynb #eebeb9eb
-@dataclass
-class SampleConfig:
-    "Everything a sampling run depends on; `SampleConfig.from_dict` validates the types, `check_config` the values."
-    checkpoint: str | None = None   # a nag_toolkit training run folder or one checkpoint folder (required)
-    out: str = 'runs/samples'       # the shard folder (created if missing)
-    num_samples: int = 50_000
-    shard_size: int = 1000          # samples per shard file (the last one may hold fewer)
-    sampler: str = 'euler'          # a name of SAMPLERS
-    steps: int = 50
-    grid: str = 'auto'              # 'auto', 'uniform', 'ddpm' or 'sde' (see `sampling_grid`)
-    t_max: float | None = None      # first time of the grid; None: 1, or 0.999 where the model gives no x0 at t = 1
-    sampler_options: dict = field(default_factory=dict)  # passed to the sampler (eta, variance, last_step, ...)
-    # guiders of the registry, composed (`cb-nag:w=1,estimator=DIR`; a mapping in YAML): see `guidance.GUIDERS`
-    guidance: list = field(default_factory=list)
-    w_cfg: float = 0.0              # shorthand for `cfg:w=...` (DiT's cfg_scale - 1)
-    w_nag: float = 0.0              # shorthand for `cf-nag:w=...` (classifier-free noise awareness guidance)
-    t_lo: float | None = None       # the shorthands' window [t_lo, t_hi]; None ends: 0 and 1
-    t_hi: float | None = None
-    cfg_channels: int | None = None # the shorthand's CFG on the first channels only (DiT/SiT: 3)
-    label: str = 'random'           # 'random' (from each sample's generator) or a class id
-    seed: int = 0
-    format: str = 'npz'             # 'npz' (ADM's evaluator layout) or 'png'
-    batch_size: int = 256           # samples per forward pass (does not change the samples)
-    device: str = 'auto'            # 'auto' (this process's GPU, else CPU), 'cpu', 'cuda:1', ...
-    which: str = 'ema'              # the checkpoint's 'ema' or raw 'model' weights
-    vae: str | None = None          # diffusers AutoencoderKL (id or folder) that decodes latent samples to images
-    vae_scale: float = 0.18215      # latent scaling factor of that VAE
-
-# %% ../nbs/16_sample.ipynb #01fde215
-GRIDS, FORMATS = ('auto', *GRID_KINDS, 'sde'), ('npz', 'png')
-
-@patch(cls_method=True)
-def from_dict(cls:SampleConfig, d:dict)->SampleConfig:
-    "A `SampleConfig` from a plain dict, types checked field by field (an int `label` is read as a class id)."
-    label, guidance = d.get('label'), d.get('guidance')
-    if isinstance(label, int) and not isinstance(label, bool): d = {**d, 'label': str(label)}
-    if isinstance(guidance, (str, dict)): d = {**d, 'guidance': [guidance]}        # one spec: a list of one
-    return config_from_dict(cls, d, 'sampling option')
+__all__ = ['LAYOUTS', 'SHARD_SUFFIX', 'RESUME_FREE', 'check_config', 'sampling_grid', 'sample_shape', 'guidance_specs',
+           'load_job', 'draw_samples', 'decode_latents', 'to_uint8_nhwc', 'encode', 'shard_range', 'rank_shards',
+           'shard_count', 'write_npz', 'write_png', 'world_info', 'make_shard', 'sample_shards']
 
 # %% ../nbs/16_sample.ipynb #9264c652
 _CHECKPOINT = "allowed: a nag_toolkit training run folder or checkpoint folder"
-
-def _check_values(cfg:SampleConfig):
-    "Names and ranges of the scalar options."
-    for name, allowed in (('sampler', SAMPLERS), ('grid', GRIDS), ('format', FORMATS), ('which', ('ema', 'model'))):
-        check_choice(name, getattr(cfg, name), allowed)
-    for name in ('num_samples', 'shard_size', 'steps', 'batch_size'): check_range(name, getattr(cfg, name), 1)
-    if cfg.t_max is not None: check_range('t_max', cfg.t_max, 0, 1, lo_open=True)
-    for name in ('t_lo', 't_hi'):
-        if getattr(cfg, name) is not None: check_range(name, getattr(cfg, name), 0, 1)
-    if (cfg.t_lo or 0.0) > (1.0 if cfg.t_hi is None else cfg.t_hi):
-        raise ConfigError(f"t_lo={cfg.t_lo} > t_hi={cfg.t_hi}; allowed: t_lo <= t_hi")
-    if cfg.cfg_channels is not None: check_range('cfg_channels', cfg.cfg_channels, 1)
-    for spec in cfg.guidance: get_guider(spec)                  # names and options, before the checkpoint is read
-    check_range('vae_scale', cfg.vae_scale, 0, lo_open=True)
-    if cfg.label != 'random' and not cfg.label.isdigit():
-        raise ConfigError(f"label={cfg.label!r} is not allowed; allowed: 'random' or a class id (0, 1, ...)")
 
 def check_config(cfg:SampleConfig)->SampleConfig:
     "Check every value that needs no checkpoint; a one-line ConfigError names the first bad one."
     if not cfg.checkpoint: raise ConfigError(f"checkpoint is required; {_CHECKPOINT}")
     if not Path(cfg.checkpoint).exists():
         raise ConfigError(f"checkpoint={cfg.checkpoint!r} does not exist; {_CHECKPOINT}")
-    _check_values(cfg)
+    cfg.validate()                                            # types, choices, ranges (the config chapter)
+    for spec in cfg.guidance: get_guider(spec)                # the guiders' names and options
     bad, known = [k for k in cfg.sampler_options if k not in sampler_options(cfg.sampler)], sampler_options(cfg.sampler)
     if bad: raise ConfigError(f"sampler_options has {bad[0]!r}, which sampler={cfg.sampler!r} does not take; "
                               f"allowed: {', '.join(known) or 'none'}")
@@ -150,7 +96,7 @@ def _denoiser(cfg:SampleConfig, model, path, pred:str)->GuidedDenoiser:
 def load_job(cfg:SampleConfig)->dict:
     "Everything the sampling loop needs, read from the checkpoint and checked against it; writes nothing."
     device = pick_device(cfg.device)
-    model, state = load_trained(cfg.checkpoint, cfg.which, device)
+    model, state = load_model(cfg.checkpoint, cfg.which, device)
     path, pred, shape = get_interpolant(state['config']['path']), state['pred'], sample_shape(state)
     latent = state['config']['dataset'] == 'latents'
     kind = 'vector' if len(shape) == 1 else ('latent' if latent and not cfg.vae else 'image')
@@ -235,27 +181,7 @@ def rank_shards(n_shards:int, rank:int=0, world:int=1)->list:
     "The shards process `rank` of `world` writes: round-robin by shard index."
     return list(range(rank, n_shards, world))
 
-def shard_path(out, k:int, fmt:str='npz')->Path:
-    "Where shard `k` lives: `out/shard_{k:06d}.npz`, or the folder `out/shard_{k:06d}` for PNG."
-    return Path(out) / (f"shard_{k:06d}" + ('.npz' if fmt == 'npz' else ''))
-
-def shard_record(dst:Path)->Path:
-    "The JSON record beside shard `dst`: `out/shard_{k:06d}.json`."
-    return dst.with_name(dst.name.split('.')[0] + '.json')
-
-def shard_state(dst:Path, n:int)->str:
-    ("'done' (its record says `n` samples and every file's size and SHA-256 match), 'damaged' (they do not), "
-     "else 'todo'.")
-    if not dst.exists(): return 'todo'                                # missing (never written, or removed to be redone)
-    try: rec = json.loads(shard_record(dst).read_text())
-    except (OSError, ValueError): return 'todo'                      # not recorded: never finished
-    if not isinstance(rec, dict) or not rec.get('files'): return 'todo'
-    if not all(digest_ok(dst.parent / f, want) for f, want in rec['files'].items()): return 'damaged'
-    return 'done' if rec.get('samples') == n else 'todo'              # fewer samples: a larger num_samples extends it
-
-def shard_done(dst:Path, n:int)->bool:
-    "Whether shard `dst` is finished and intact (`shard_state` is 'done')."
-    return shard_state(dst, n) == 'done'
+SHARD_SUFFIX = {'npz': '.npz', 'png': ''}     # each format's shard: `shard_path(out, k, SHARD_SUFFIX[format])`
 
 def shard_count(dst:Path, fmt:str='npz')->int:
     "Number of samples in a finished shard (0 where it is missing)."
@@ -266,53 +192,23 @@ def shard_count(dst:Path, fmt:str='npz')->int:
         return (np.lib.format.read_array_header_1_0 if v == (1, 0) else np.lib.format.read_array_header_2_0)(f)[0][0]
 
 # %% ../nbs/16_sample.ipynb #9e20ae1f
-def _move_into_place(tmp:Path, dst:Path):
-    "Move a finished temporary file or folder into place, then record its files' sizes and SHA-256 beside it."
-    fault_point('shard.write')
-    if dst.is_dir(): shutil.rmtree(dst)
-    os.replace(tmp, dst)
-    fault_point('shard.record')
-    files = [dst] if dst.is_file() else sorted(dst.iterdir())
-    n = len(np.load(dst)['labels']) if dst.is_file() else len(np.load(dst / 'labels.npy'))
-    rec, tmp_rec = shard_record(dst), dst.with_name(f"{shard_record(dst).name}.tmp-{os.getpid()}")
-    tmp_rec.write_text(json.dumps(
-        {'samples': n, 'files': {str(f.relative_to(dst.parent)): file_digest(f) for f in files}}, indent=1))
-    os.replace(tmp_rec, rec)
-
-def _temps(dst:Path)->list:
-    "The temporary files of shard `dst` and of its record (what a failed or interrupted write removes)."
-    pid = os.getpid()
-    return [dst.with_name(f"{dst.name}.tmp-{pid}"), dst.with_name(f"{shard_record(dst).name}.tmp-{pid}")]
-
 def write_npz(dst:Path, arr:np.ndarray, labels:np.ndarray,
-              kept='the finished shards beside it are kept'): # what is intact if the write fails
-    "Write an npz shard (`arr_0`, `labels`) atomically, and its record; a failure leaves no temporary file."
-    tmp = _temps(dst)[0]
-    shard_record(dst).unlink(missing_ok=True)
-    with writing(dst, kept, temps=_temps(dst)):
-        with open(tmp, 'wb') as f:
-            np.savez(f, arr_0=arr, labels=labels); f.flush(); os.fsync(f.fileno())
-        _move_into_place(tmp, dst)
+              kept='the finished shards beside it are kept')->Path: # what is intact if the write fails
+    "Write an npz shard (`arr_0`, `labels`) and its record, whole or not at all (`shards.write_shard`)."
+    def npz(tmp:Path):
+        with open(tmp, 'wb') as f: np.savez(f, arr_0=arr, labels=labels)   # a file object: no '.npz' appended
+    return write_shard(dst, npz, len(labels), kept)
 
 def write_png(dst:Path, arr:np.ndarray, labels:np.ndarray, start:int,
-              kept='the finished shards beside it are kept'): # what is intact if the write fails
-    "Write a PNG shard folder (a file per sample, named by global index, and labels.npy) atomically, and its record."
+              kept='the finished shards beside it are kept')->Path: # what is intact if the write fails
+    "Write a PNG shard folder (a file per sample, named by global index, and labels.npy) and its record."
     from PIL import Image
-    tmp = _temps(dst)[0]
-    shard_record(dst).unlink(missing_ok=True)
-    with writing(dst, kept, temps=_temps(dst)):
-        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+    def pngs(tmp:Path):
+        tmp.mkdir()
         for i, img in enumerate(arr):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{start + i:09d}.png")
         np.save(tmp / 'labels.npy', labels)
-        _move_into_place(tmp, dst)
-
-def _clear_stale(out:Path):
-    "Remove temporary shards that killed writers left behind (their process is gone)."
-    for tmp in out.glob('shard_*.tmp-*'):
-        pid = tmp.name.rsplit('-', 1)[1]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    return write_shard(dst, pngs, len(labels), kept)
 
 # %% ../nbs/16_sample.ipynb #f1ebfca3
 RESUME_FREE = {'out', 'num_samples', 'batch_size', 'device'}
@@ -357,7 +253,7 @@ def sample_shards(cfg:SampleConfig|dict)->dict:
     _check_out(out, job['meta'])
     check_out_dir(out, create=True)
     with RunLock(out) if rank == 0 else contextlib.nullcontext():   # one job per folder; rank 0 holds it for all
-        if rank == 0: _clear_stale(out)
+        if rank == 0: clear_stale(out)               # temporary shards of killed writers
         return _write_shards(job, out, rank, world)
 
 def _write_shards(job:dict, out:Path, rank:int, world:int)->dict:
@@ -378,12 +274,9 @@ def _shards(job:dict, out:Path, rank:int, world:int, done:list, written:list)->d
     for k in progress(rank_shards(n_shards, rank, world),
                       desc='sample' + (f' (rank {rank}/{world})' if world > 1 else ''),
                       disable=rank != 0):
-        idx, dst = shard_range(k, cfg.shard_size, cfg.num_samples), shard_path(out, k, cfg.format)
-        state = shard_state(dst, len(idx))
-        if state == 'done': done.append(k); continue                            # finished and intact earlier: resume
-        if state == 'damaged':
-            warn(f"{dst} is damaged or truncated (its size or SHA-256 differs from {shard_record(dst).name}); "
-                 "writing it again")
+        idx = shard_range(k, cfg.shard_size, cfg.num_samples)
+        dst = shard_path(out, k, SHARD_SUFFIX[cfg.format])
+        if not shard_needed(dst, len(idx)): done.append(k); continue        # finished and intact earlier: resume
         arr, labels = _draw_shard(job, idx, k, out, len(done) + len(written))
         if cfg.format == 'npz': write_npz(dst, arr, labels, kept)
         else: write_png(dst, arr, labels, idx.start, kept)

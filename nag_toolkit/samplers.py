@@ -10,13 +10,13 @@ from typing import Callable, NamedTuple
 import torch
 from .core import ConfigError, check_choice, check_range, randn_per_sample
 from .perf import as_t
-from .interpolants import get_interpolant, respace
+from .interpolants import get_interpolant, respace, PRED_KINDS
 
 # %% auto #0
 __all__ = ['GRID_KINDS', 'DDPM_VARIANCES', 'LAST_STEPS', 'SAMPLERS', 'time_grid', 'sde_grid', 'Denoised', 'call_denoiser',
-           'sample_euler', 'sample_heun', 'sample_ddpm', 'sample_ddim', 'sample_euler_maruyama', 'sample_dpmpp_2m',
-           'sample_ode', 'sample_restart', 'SamplerSpec', 'sampler_options', 'run_sampler', 'start_state',
-           'SamplingDiverged', 'FiniteWatch']
+           'Denoiser', 'sample_euler', 'sample_heun', 'sample_ddpm', 'sample_ddim', 'sample_euler_maruyama',
+           'sample_dpmpp_2m', 'sample_ode', 'sample_restart', 'SamplerSpec', 'sampler_options', 'run_sampler',
+           'start_state', 'SamplingDiverged', 'FiniteWatch']
 
 # %% ../nbs/04_samplers.ipynb #dc0e13bc
 GRID_KINDS = ('uniform', 'ddpm')
@@ -93,6 +93,47 @@ def _setup(path, extra_args, ts):
     a, s = path.coefs(torch.as_tensor(ts, dtype=torch.float64))[:2]
     return path, extra_args or {}, a, s
 
+# %% ../nbs/04_samplers.ipynb #971320cb
+class Denoiser:
+    "A network `model(x, t, y=None, null_t=None, null_y=None)` of native kind `pred`, as the samplers' x0 denoiser."
+    def __init__(self, model, # the network (any callable with that interface)
+                 path, # the path it was trained on (name or Interpolant)
+                 pred:str|None=None): # its native prediction; None: `model.pred`
+        self.model = model
+        self.path = get_interpolant(path)
+        self.pred = check_choice('pred', pred or getattr(model, 'pred', None), PRED_KINDS)
+        # Samples evaluated so far (see `guidance.network_rows`: NFE = rows / batch).
+        self.rows = 0
+
+    def outputs(self, x, t, **extra):
+        "The network's native prediction and its variance values (None without extra output channels), from one call."
+        self.rows += len(x)
+        out = self.model(x, as_t(t, x), **extra)
+        # A learned-sigma network appends variance channels after its `pred_channels`.
+        c = getattr(self.model, 'pred_channels', None)
+        if c is None or out.shape[1] == c:
+            return out, None
+        return out[:, :c], out[:, c:]
+
+    def native(self, x, t, **extra):
+        "The network's native prediction alone."
+        return self.outputs(x, t, **extra)[0]
+
+    def to_x0(self, out, x, t):
+        "A native prediction converted to x0 on the path."
+        return self.path.convert(out, x, as_t(t, x), self.pred, 'x0')
+
+    def denoise(self, x, t, **extra)->Denoised:
+        "The record a sampler reads: x0, the native prediction and the variance values."
+        out, var = self.outputs(x, t, **extra)
+        return Denoised(self.to_x0(out, x, t), native=out, pred=self.pred, var_values=var)
+
+    def __call__(self, x, t, **extra):
+        return self.denoise(x, t, **extra).x0
+
+    def __repr__(self):
+        return f"Denoiser({type(self.model).__name__}, path={self.path.name!r}, pred={self.pred!r})"
+
 # %% ../nbs/04_samplers.ipynb #620630b3
 def _velocity(d:Denoised, x, t, path):
     "The ODE drift `v = alpha' x0 + sigma' eps` at `(x, t)`: a velocity model's own output, else from the estimate."
@@ -109,28 +150,41 @@ def sample_euler(denoiser, # callable (x, t, **extra_args) -> x0_hat, or a `deno
                  extra_args:dict|None=None, # passed to the denoiser (labels, ...)
                  callback=None): # called with a dict after every step
     "Euler's method on the probability-flow ODE (SiT's `sample_ode(sampling_method='euler')` on `time_grid(n)`)."
-    path, extra_args = get_interpolant(path), extra_args or {}
+    path = get_interpolant(path)
+    extra_args = extra_args or {}
+    # Main sampling loop.
     for i in range(len(ts) - 1):
+        # Denoise at t_i.
         d = call_denoiser(denoiser, x, ts[i], extra_args)
-        x = x + float(ts[i + 1] - ts[i]) * _velocity(d, x, ts[i], path)          # x + h v
-        if callback: callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **_info(d)})
+        # Euler step along the velocity: x + h v, with h = t_{i+1} - t_i < 0.
+        x = x + float(ts[i + 1] - ts[i]) * _velocity(d, x, ts[i], path)
+        if callback:
+            callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **_info(d)})
     return x
 
 @torch.no_grad()
 def sample_heun(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_args:dict|None=None, callback=None):
     "Heun's second-order method on the probability-flow ODE (Euler on a last step that ends at t = 0)."
-    path, extra_args = get_interpolant(path), extra_args or {}
+    path = get_interpolant(path)
+    extra_args = extra_args or {}
+    # Main sampling loop.
     for i in range(len(ts) - 1):
-        t, t_next = ts[i], ts[i + 1]
+        t = ts[i]
+        t_next = ts[i + 1]
         h = float(t_next - t)
+        # Euler step: the predictor.
         d = call_denoiser(denoiser, x, t, extra_args)
         v = _velocity(d, x, t, path)
-        x_euler = x + h * v                                   # predictor
+        x_euler = x + h * v
+        # Apply the trapezoidal correction, except on a last step that ends at t = 0.
         if t_next > 0:
-            v_next = _velocity(call_denoiser(denoiser, x_euler, t_next, extra_args), x_euler, t_next, path)
-            x = x + h * (v + v_next) / 2                      # trapezoidal corrector
-        else: x = x_euler
-        if callback: callback({'x': x, 'i': i, 't': t, 't_next': t_next, **_info(d)})
+            d_next = call_denoiser(denoiser, x_euler, t_next, extra_args)
+            v_next = _velocity(d_next, x_euler, t_next, path)
+            x = x + h * (v + v_next) / 2
+        else:
+            x = x_euler
+        if callback:
+            callback({'x': x, 'i': i, 't': t, 't_next': t_next, **_info(d)})
     return x
 
 # %% ../nbs/04_samplers.ipynb #b0cb1670
@@ -165,19 +219,37 @@ def sample_ddpm(denoiser, # callable (x, t, **extra_args) -> x0_hat, or a `denoi
     variance = check_choice('variance', variance, DDPM_VARIANCES)
     ts = time_grid(250, 'ddpm', path=path) if ts is None else ts
     path, extra_args, _, _ = _setup(path, extra_args, ts)
+    # Every step's posterior q(x_s | x_t, x0) = N(c_x x_t + c_0 x0, var) at once, in float64 on the host.
     ts64 = torch.as_tensor(ts, dtype=torch.float64).cpu()
-    c_x, c_0, small, large = _posterior(path, ts64[:-1], ts64[1:])                # every step's coefficients at once
-    on = (ts64[1:] > 0).tolist()                                                  # noise masked off on a step to t = 0
-    last = small[-2:-1] if len(small) > 1 and small[-1] <= 0 else small[-1:]   # DiT's clipping of a zero last entry
-    lo, hi = torch.log(torch.cat([small[:-1], last])).tolist(), torch.log(large).tolist()
+    c_x, c_0, small, large = _posterior(path, ts64[:-1], ts64[1:])
+    # DiT's learned variance interpolates between log beta-tilde (a zero last entry clipped to the one before) ...
+    last = small[-2:-1] if len(small) > 1 and small[-1] <= 0 else small[-1:]
+    log_lo = torch.log(torch.cat([small[:-1], last])).tolist()
+    # ... and log beta.
+    log_hi = torch.log(large).tolist()
+    # The fixed variances' standard deviations.
     std = (small if variance == 'beta_tilde' else large).clamp(min=0).sqrt().tolist()
-    c_x, c_0 = c_x.tolist(), c_0.tolist()                                # plain floats: no tensor work per step
+    # Plain floats: no tensor work per step (the performance appendix).
+    c_x = c_x.tolist()
+    c_0 = c_0.tolist()
+    # A step that ends at t = 0 adds no noise.
+    noisy = (ts64[1:] > 0).tolist()
     noise = _noise_stream(x, generators)
+    # Main sampling loop.
     for i in range(len(ts) - 1):
+        # Denoise at t_i.
         d = call_denoiser(denoiser, x, ts[i], extra_args)
-        x, z = torch.add(d.x0 * c_0[i], x, alpha=c_x[i]), noise()       # posterior mean; noise drawn every step
-        if on[i]: x = x + _learned_std(d, lo[i], hi[i]) * z if variance == 'learned' else x.add_(z, alpha=std[i])
-        if callback: callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **_info(d)})
+        # The posterior mean c_x x_t + c_0 x0_hat.
+        x = torch.add(d.x0 * c_0[i], x, alpha=c_x[i])
+        # Noise is drawn on every step, so a sample's stream does not depend on which steps use it.
+        z = noise()
+        # Add the posterior's noise: DiT's learned standard deviation, or a fixed one.
+        if noisy[i] and variance == 'learned':
+            x = x + _learned_std(d, log_lo[i], log_hi[i]) * z
+        elif noisy[i]:
+            x = x.add_(z, alpha=std[i])
+        if callback:
+            callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **_info(d)})
     return x
 
 # %% ../nbs/04_samplers.ipynb #a6e92a79
@@ -189,18 +261,28 @@ def sample_ddim(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_
     check_range('eta', eta, 0)
     path, extra_args, a, s = _setup(path, extra_args, ts)
     ts64 = torch.as_tensor(ts, dtype=torch.float64).cpu()
-    c = eta * _posterior(path, ts64[:-1], ts64[1:])[2].clamp(min=0).sqrt() * (ts64[1:] > 0)   # each step's noise std
-    # ... and its weight on the implied eps
+    # Each step's noise std c = eta sqrt(posterior variance) (none on a step to t = 0) ...
+    c = eta * _posterior(path, ts64[:-1], ts64[1:])[2].clamp(min=0).sqrt() * (ts64[1:] > 0)
+    # ... and the weight d on the implied eps that keeps the marginal variance.
     d = (s[1:].cpu()**2 - c**2).clamp(min=0).sqrt()
-    a, s = a.cpu(), s.cpu()
-    # x_next = a' x0 + d eps with eps = (x - a x0) / s, i.e. (a' - d a / s) x0 + (d / s) x: two coefficients a step
-    k0, kx, c = (a[1:] - d * a[:-1] / s[:-1]).tolist(), (d / s[:-1]).tolist(), c.tolist()
+    a = a.cpu()
+    s = s.cpu()
+    # x_next = a' x0 + d eps with eps = (x - a x0) / s: (a' - d a / s) x0 + (d / s) x, two plain floats a step.
+    k0 = (a[1:] - d * a[:-1] / s[:-1]).tolist()
+    kx = (d / s[:-1]).tolist()
+    c = c.tolist()
     noise = _noise_stream(x, generators)
+    # Main sampling loop.
     for i in range(len(ts) - 1):
+        # Denoise at t_i.
         d = call_denoiser(denoiser, x, ts[i], extra_args)
+        # The deterministic DDIM step.
         x = torch.add(d.x0 * k0[i], x, alpha=kx[i])
-        if c[i] > 0: x = x.add_(noise(), alpha=c[i])
-        if callback: callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **_info(d)})
+        # Fresh noise where eta > 0.
+        if c[i] > 0:
+            x = x.add_(noise(), alpha=c[i])
+        if callback:
+            callback({'x': x, 'i': i, 't': ts[i], 't_next': ts[i + 1], **_info(d)})
     return x
 
 # %% ../nbs/04_samplers.ipynb #6598efcd
@@ -226,14 +308,23 @@ def sample_euler_maruyama(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linea
     "Euler-Maruyama on SiT's reverse SDE `dx = [v - D score] dt + sqrt(2 D) dW` (SiT's `sample_sde` on `sde_grid`)."
     check_choice('last_step', last_step, LAST_STEPS)
     path, extra_args, _, _ = _setup(path, extra_args, ts)
+    # The diffusion coefficient D(t) on the grid, as plain floats.
     D = path.diffusion_coef(torch.as_tensor(ts, dtype=torch.float64).cpu(), diffusion_form, diffusion_norm).tolist()
-    noise, n = _noise_stream(x, generators), len(ts) - 1
+    noise = _noise_stream(x, generators)
+    n = len(ts) - 1
+    # Main sampling loop.
     for i in range(n):
-        t, last = ts[i], (last_step if i == n - 1 else None)
-        z = noise() if last is None else None                                    # SiT draws z before the network call
+        t = ts[i]
+        # The last step is SiT's `last_step` (no noise); the others are Euler-Maruyama steps.
+        last = last_step if i == n - 1 else None
+        # SiT draws z before the network call.
+        z = noise() if last is None else None
+        # Denoise at t_i.
         d = call_denoiser(denoiser, x, t, extra_args)
+        # The step: drift v - D score, plus sqrt(2 D |h|) z.
         x = _sde_step(d, x, t, float(ts[i + 1] - t), D[i], z, path, last)
-        if callback: callback({'x': x, 'i': i, 't': t, 't_next': ts[i + 1], **_info(d)})
+        if callback:
+            callback({'x': x, 'i': i, 't': t, 't_next': ts[i + 1], **_info(d)})
     return x
 
 # %% ../nbs/04_samplers.ipynb #41e86103
@@ -241,19 +332,30 @@ def sample_euler_maruyama(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linea
 def sample_dpmpp_2m(denoiser, x:torch.Tensor, ts:torch.Tensor, path='linear', extra_args:dict|None=None, callback=None):
     "DPM-Solver++(2M): second-order multistep data-prediction solver in log-SNR; one denoiser call per step."
     path, extra_args, a, s = _setup(path, extra_args, ts)
-    lam = torch.log(a) - torch.log(s)                                             # half log-SNR, -inf where alpha = 0
-    x0_prev = h_prev = None
+    # Half log-SNR lambda = log(alpha / sigma) on the grid (-inf where alpha = 0).
+    lam = torch.log(a) - torch.log(s)
+    x0_prev = None
+    h_prev = None
+    # Main sampling loop.
     for i in range(len(ts) - 1):
-        t, t_next = ts[i], ts[i + 1]
+        t = ts[i]
+        t_next = ts[i + 1]
+        # Denoise at t_i.
         rec = call_denoiser(denoiser, x, t, extra_args)
         x0 = rec.x0
-        if t_next <= 0: x = x0                                                   # the limit sigma_s -> 0
+        if t_next <= 0:
+            # The limit sigma_s -> 0 of the step: the estimate itself.
+            x = x0
         else:
             h = float(lam[i + 1] - lam[i])
-            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / h_prev / 2)   # 1/(2r) = h / (2 h_prev)
+            # Second order from the previous estimate (first order on the first step): 1/(2r) = h / (2 h_prev).
+            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / h_prev / 2)
+            # The exponential-integrator step in data prediction.
             x = float(s[i + 1] / s[i]) * x - float(a[i + 1]) * math.expm1(-h) * d
-            x0_prev, h_prev = x0, h
-        if callback: callback({'x': x, 'i': i, 't': t, 't_next': t_next, **_info(rec)})
+            x0_prev = x0
+            h_prev = h
+        if callback:
+            callback({'x': x, 'i': i, 't': t, 't_next': t_next, **_info(rec)})
     return x
 
 # %% ../nbs/04_samplers.ipynb #5b4ef56c

@@ -14,89 +14,38 @@ import matplotlib.pyplot as plt
 from .core import (ConfigError, check_choice, check_range, config_from_dict, sample_generators,
                               randn_per_sample)
 from .core import check_out_dir, RunLock, progress
+from .config import StudyConfig, STUDY_DATASETS, PRESETS, QUICK, DEMO, DIGITS_DEMO, FULL, FULL_DIGITS
 from .sweep import Sweep, EXECUTORS, expand, run_sweep, is_done
 from .interpolants import get_interpolant, INTERPOLANTS
 from .data import get_dataset, get_mixture, MIXTURES
 from .samplers import SAMPLERS, run_sampler, start_state, time_grid
 from .guidance import (Denoiser, GuidedDenoiser, MixtureModel, exact_log_posterior, exact_t_mean,
                                   get_guider, parse_spec, network_rows)
-from .train import TrainConfig, train, training_report, load_trained
-from .checkpoint import load_checkpoint, checkpoint_source, shipped_checkpoints
+from .train import TrainConfig, train
+from .trained import training_report
+from .checkpoint import load_checkpoint, load_model, checkpoint_source, shipped_checkpoints
 from .estimator import EstimatorConfig, run_estimator, load_estimator, forward_check
 from .shift import (ExactPosterior, EstimatedPosterior, TrajectoryRecorder, shift_stats, tbin_table,
                                mixture_reference, dataset_reference, low_t_shift)
 from .metrics import (mixture_metrics, load_feature_extractor, extract_features, reference_features,
                                  metric_layers, as_images, _feature_metrics)
 from .intervals import boot_indices, mixture_boot, image_boot, add_intervals, add_paired, pool_seeds
+from .intervals import save_boots, load_boots
 from .report import *        # the figures, tables and findings (chapter 15a), re-exported here
 from .report import SHIFT_METHODS, write_report, _map_rows
 
 # %% auto #0
-__all__ = ['STUDY_DATASETS', 'FAMILIES', 'OWN_SAMPLERS', 'CELL', 'PIPELINES', 'QUICK', 'DEMO', 'DIGITS_DEMO', 'FULL',
-           'FULL_DIGITS', 'PRESETS', 'StudyConfig', 'stage_train', 'estimator_config', 'stage_estimator', 'Method',
-           'method', 'build_method', 'study_methods', 'start_noise', 'Scorer', 'sample_method', 'one_run',
+__all__ = ['FAMILIES', 'OWN_SAMPLERS', 'CELL', 'PIPELINES', 'check_study', 'stage_train', 'estimator_config', 'stage_estimator',
+           'Method', 'method', 'build_method', 'study_methods', 'start_noise', 'Scorer', 'sample_method', 'one_run',
            'steps_for_nfe', 'equal_nfe_jobs', 'add_equal_nfe', 'stage_evaluate', 'run_studies', 'write_timing',
            'run_study', 'pool_studies', 'run_models', 'write_map']
 
 # %% ../nbs/15_study.ipynb #8d329687
-@dataclass
-class StudyConfig:
-    "Everything the study depends on; `StudyConfig.from_dict` validates it."
-    out: str = 'runs/study'         # the report folder
-    # a mixture preset (exact metrics and posterior), or 'digits' (image metrics, estimated posterior)
-    dataset: str = 'gmm32'
-    path: str = 'linear'
-    train_steps: int = 2000         # denoiser training (MLP, noise-condition dropout)
-    batch_size: int = 256
-    p_drop: float = 0.1
-    # start the denoiser from a checkpoint (a shipped one's name, or a run or checkpoint folder) and fine-tune it
-    # train_steps (lr 1e-5); None: train from scratch
-    init_from: str|None = None
-    estimator_steps: int = 1000     # noise-level estimator training
-    n_samples: int = 2000           # samples per sweep run
-    n_shift: int = 256              # samples whose trajectories are read for the shift
-    steps: list = field(default_factory=lambda: [8, 32])            # sweep step counts
-    shift_steps: list = field(default_factory=lambda: [8, 16, 32, 64, 128, 250])   # shift against steps
-    # 'heun' and 'dpmpp_2m' too, on request
-    samplers: list = field(default_factory=lambda: ['euler', 'euler_maruyama'])
-    # classifier-free NAG weights (the full map: `--full`)
-    w_nag: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
-    w_cb: list = field(default_factory=lambda: [0.5, 1.0])               # classifier-based NAG weights
-    baselines: bool = True          # run epsilon scaling and the time-shift sampler too
-    # run the peers on NAG's axis too: Self-Guidance, SG-prev, Noise Level Correction, Restart, f(x, null_t) alone
-    peers: bool = True
-    # more guiders of the registry, each a spec (`self-guidance:w=1`, `autoguidance:w=1,weak=RUN`): see `method`
-    guidance: list = field(default_factory=list)
-    exact: bool = True              # on a mixture, run the exact score and the exact NAGs too
-    eps_b: float = 1.005            # epsilon scaling lambda_t = b (k = 0)
-    n_boot: int = 100               # bootstrap resamples of every interval
-    sw2_proj: int = 32              # random directions of the sliced W2 (the same for every run)
-    level: float = 0.95             # the intervals' level
-    # independently trained denoisers and estimators (seed, seed + 1, ...), pooled in the intervals
-    seeds: int = 1
-    # denoiser qualities to compare (training steps each): one study each and the map
-    models: list = field(default_factory=list)
-    seed: int = 0
-    notebooks: bool = True          # run the pipeline notebooks through papermill (else in-process)
-    workers: int = 1                # with seeds or models: sub-studies at a time (a `nag-toolkit sweep`)
-    executor: str = 'local'         # ... run by a local process pool, or submitit / slurm (see `sweep`)
-
-STUDY_DATASETS = (*MIXTURES, 'digits')   # mixtures: exact metrics and posterior; digits: FID & co. and the estimator
-
-@patch(cls_method=True)
-def from_dict(cls:StudyConfig, d:dict)->StudyConfig:
-    "A validated `StudyConfig` from a plain dict."
-    cfg = config_from_dict(StudyConfig, d, 'study option')
-    check_choice('dataset', cfg.dataset, STUDY_DATASETS); check_choice('path', cfg.path, INTERPOLANTS)
-    for s in cfg.samplers: check_choice('samplers', s, SAMPLERS)
-    for name in ('train_steps', 'estimator_steps', 'n_samples', 'n_shift', 'batch_size', 'seeds', 'sw2_proj'):
-        check_range(name, getattr(cfg, name), 1)
-    check_range('n_boot', cfg.n_boot, 20); check_range('level', cfg.level, 0, 1, lo_open=True, hi_open=True)
-    check_range('p_drop', cfg.p_drop, 0, 1, hi_open=True)
-    for n in cfg.models: check_range('models', n, 1)
-    check_range('workers', cfg.workers, 1); check_choice('executor', cfg.executor, EXECUTORS)
+def check_study(cfg:StudyConfig|dict)->StudyConfig:
+    "A validated `StudyConfig`: its values (the config chapter), then the guider specs and `init_from`, read here."
+    cfg = StudyConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg.validate()   # types, choices, ranges
     for spec in cfg.guidance: get_guider(spec)                   # names and options checked before any work
-    if cfg.init_from is not None: _check_init(cfg)
+    if cfg.init_from is not None: _check_init(cfg)               # an intact checkpoint of the study's model
     return cfg
 
 def _check_init(cfg:StudyConfig):
@@ -332,7 +281,7 @@ def _jobs(cfg:StudyConfig, methods:dict)->list:
 
 def _context(cfg:StudyConfig, ds, gm)->SimpleNamespace:
     "What the methods are built from: the learned denoiser and estimator, the mixture (or None), the path."
-    model, _ = load_trained(Path(cfg.out) / 'denoiser')
+    model, _ = load_model(Path(cfg.out) / 'denoiser')
     return SimpleNamespace(cfg=cfg, den=Denoiser(model, cfg.path), est=load_estimator(Path(cfg.out) / 'estimator'),
                            gm=gm, path=get_interpolant(cfg.path), data_var=ds.x.pow(2).mean().item())
 
@@ -368,7 +317,7 @@ def stage_evaluate(cfg:StudyConfig)->dict:
     res = add_equal_nfe(add_intervals(pd.DataFrame(rows), boots, CELL, level=cfg.level), boots, cfg.level)
     sh = pd.concat(shifts)
     res.to_csv(out / 'results.csv', index=False); sh.to_csv(out / 'shift.csv', index=False)
-    torch.save({'boots': boots, 'grids': grids}, out / 'boots.pt')
+    save_boots(out, boots, grids)                               # bootstrap values and sample grids: safetensors
     tbin_table(sh, ['method', 'family', 'w', 'sampler', 'steps', 'posterior']).to_csv(out / 'shift_by_tbin.csv',
                                                                                         index=False)
     return {'results': res, 'shift': sh, 'heat': refs['_heat'], 'grids': grids}
@@ -464,7 +413,7 @@ def _start(init_from:str|None)->str|None:
 def run_study(cfg:StudyConfig|dict)->Path:
     ("Run the whole study into `cfg.out` (with `seeds` > 1: one study per seed, pooled; with `models`: one per "
      "denoiser quality, and the map); returns summary.md (map.md with `models`).")
-    cfg = StudyConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    cfg = check_study(cfg)
     # the notebooks run with the study's folder as cwd
     cfg = dataclasses.replace(cfg, out=str(check_out_dir(cfg.out).resolve()), init_from=_start(cfg.init_from))
     out, t0 = Path(cfg.out), time.perf_counter()
@@ -483,7 +432,7 @@ def pool_studies(cfg:StudyConfig, outs:list)->Path:
     ("Pool studies of independently trained models (same noise, same runs): mean estimates, "
      "two-level bootstrap intervals.")
     out, ress = Path(cfg.out), [pd.read_csv(o / 'results.csv') for o in outs]
-    bts = [torch.load(o / 'boots.pt', weights_only=True) for o in outs]
+    bts = [load_boots(o) for o in outs]
     res = ress[0][[c for c in ress[0].columns if not c.endswith(('_lo', '_hi'))
                    and not c.startswith(('delta_', 'nfe_delta_', 'nfe_base'))]].copy()
     num = [c for c in res.columns if c not in ('method', 'family', 'w', 'sampler', 'steps', 'n_samples')
@@ -498,33 +447,11 @@ def pool_studies(cfg:StudyConfig, outs:list)->Path:
         boots.append({m: b for m, (_, b) in pooled.items()})
     add_equal_nfe(add_intervals(res, boots, CELL, level=cfg.level), boots, cfg.level).to_csv(out / 'results.csv',
                                                                                            index=False)
-    torch.save({'boots': boots, 'grids': bts[0]['grids']}, out / 'boots.pt')
+    save_boots(out, boots, bts[0]['grids'])
     # figures: the first model's
     for f in ('shift.csv', 'shift_by_tbin.csv', 'estimator/calibration.csv', 'denoiser/oracle_gap.csv'):
         if (outs[0] / f).exists(): (out / f).parent.mkdir(exist_ok=True); shutil.copy(outs[0] / f, out / f)
     return write_report(cfg)
-
-# %% ../nbs/15_study.ipynb #eb4383e8
-QUICK = {'train_steps': 150, 'estimator_steps': 150, 'n_samples': 400, 'n_shift': 128, 'steps': [8],
-         'shift_steps': [8, 32], 'samplers': ['euler', 'euler_maruyama'], 'w_nag': [1.0], 'w_cb': [1.0], 'n_boot': 50}
-# `make demo`, within 5 minutes on 2 CPU cores with the digits study: the mixture at 8 steps, both samplers, every
-# family, the shift against steps up to 128
-DEMO = {'train_steps': 1000, 'estimator_steps': 400, 'n_samples': 1000, 'steps': [8], 'shift_steps': [8, 32, 128],
-        'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0]}
-# the reduced digits study of `make demo`: no guidance against both NAGs at a few weights, two samplers, 8 steps; its
-# denoiser: the shipped digits checkpoint (8,000 steps), fine-tuned 100 steps with noise-condition dropout
-DIGITS_DEMO = {'dataset': 'digits', 'init_from': 'digits-denoiser', 'train_steps': 100, 'batch_size': 128,
-               'estimator_steps': 200, 'n_samples': 400, 'n_shift': 128, 'steps': [8], 'shift_steps': [],
-               'samplers': ['euler', 'euler_maruyama'], 'w_nag': [0.5, 1.0, 2.0], 'w_cb': [1.0], 'baselines': False}
-# where NAG helps: w x steps x sampler, a weak and a strong denoiser (`models`: their training steps)
-FULL = {'steps': [4, 8, 16, 32, 64], 'samplers': ['euler', 'euler_maruyama', 'dpmpp_2m'],
-        'w_nag': [0.25, 0.5, 1.0, 2.0, 3.0], 'w_cb': [0.5, 1.0, 2.0, 3.0], 'n_samples': 600, 'shift_steps': [],
-        'n_shift': 64, 'baselines': False, 'exact': False, 'models': [800, 8000], 'workers': 2}
-# ... on the digits (`--full --dataset digits`), within 25 minutes on 2 CPU cores: lighter models and fewer samples,
-# the same weights, steps and samplers (bar cb-NAG at w = 2)
-FULL_DIGITS = {**FULL, 'dataset': 'digits', 'models': [300, 2000], 'batch_size': 128, 'estimator_steps': 400,
-               'n_samples': 400, 'w_cb': [0.5, 1.0, 3.0]}
-PRESETS = {'quick': QUICK, 'demo': DEMO, 'digits-demo': DIGITS_DEMO, 'full': FULL, 'full-digits': FULL_DIGITS}
 
 # %% ../nbs/15_study.ipynb #b4571260
 def run_models(cfg:StudyConfig)->Path:

@@ -12,15 +12,14 @@ import pandas as pd
 from .core import (ConfigError, config_from_dict, check_choice, check_range, read_yaml_mapping,
                               check_out_dir,
                               RunLock, Interrupted, atomic_write)
+from .config import EXECUTORS
 
 # %% auto #0
-__all__ = ['EXECUTORS', 'RUNNERS', 'Sweep', 'submitit_options', 'default_kernel', 'read_grid', 'Run', 'run_id', 'run_parameters',
-           'expand', 'is_done', 'plan', 'error_line', 'execute_run', 'run_local', 'run_submitit', 'read_result',
-           'collect', 'SweepReport', 'run_sweep']
+__all__ = ['RUNNERS', 'Sweep', 'submitit_options', 'default_kernel', 'read_grid', 'Run', 'run_id', 'run_parameters', 'expand',
+           'is_done', 'plan', 'error_line', 'execute_run', 'run_local', 'run_submitit', 'read_result', 'collect',
+           'SweepReport', 'run_sweep']
 
 # %% ../nbs/17_sweep.ipynb #f6526516
-EXECUTORS = ('local', 'submitit', 'slurm')
-
 @dataclass
 class Sweep:
     "A validated grid file: the notebook, the sweep folder, the runs' parameters and how to execute them."

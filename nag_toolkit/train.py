@@ -16,74 +16,31 @@ from .core import (ConfigError, check_choice, check_range, sample_seed, config_f
 from .interpolants import get_interpolant, PRED_KINDS, INTERPOLANTS
 from .data import get_dataset
 from .models import build_model, load_pretrained
+from .config import TrainConfig
 from .checkpoint import (save_checkpoint, load_checkpoint, latest_checkpoint, checkpoint_kept,
-                                    checkpoint_source)
+                                    checkpoint_source, null_t_steps, load_model)
+from .core import pick_device
+from .runs import (init_distributed, StopFlag, agree, take_folder, trim_log, log_row,
+                              interrupted_line)
 
 # %% auto #0
-__all__ = ['RESUME_FREE', 'TrainConfig', 'resolve', 'draw_batch', 'batch_loss', 'dit_vb_bits', 'StepBatches', 'batch_loader',
-           'pick_device', 'init_distributed', 'null_t_steps', 'ema_update', 'setup', 'TrainingDiverged', 'train_step',
-           'StopFlag', 'train', 'exact_null_t_prediction', 'oracle_gap', 'load_trained', 'import_pretrained',
-           'training_report']
-
-# %% ../nbs/09_train.ipynb #23bd28aa
-@dataclass
-class TrainConfig:
-    "Everything a training run depends on; `TrainConfig.from_dict` validates, `resolve` fills situational defaults."
-    dataset: str = 'gmm32'          # a name of nag_toolkit.data
-    dataset_options: dict = field(default_factory=dict)  # passed to get_dataset (n, seed, root, ...)
-    model: str = 'mlp'              # a name of nag_toolkit.models.build_model
-    model_options: dict = field(default_factory=dict)    # passed to build_model
-    path: str = 'linear'            # the interpolant
-    pred: str | None = None         # prediction target; None: the model's native kind
-    steps: int = 2000               # optimizer steps in all
-    batch_size: int = 256           # global batch, split evenly across processes
-    lr: float | None = None         # None: 1e-4 (DiT), 1e-3 (small models), 1e-5 (fine-tuning)
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0          # max gradient norm (0 turns clipping off)
-    p_drop: float | None = None     # noise-condition dropout; None: 0.1, or 0.2 when fine-tuning
-    p_drop_y: float = 0.1           # class-label dropout (for CFG)
-    ip_gamma: float = 0.0           # input perturbation (DDPM-IP); 0 turns it off
-    hflip: bool = False             # DiT's random horizontal flip of x0 (which rows: from the step's seed)
-    t_min: float = 0.001            # training times are drawn uniformly in [t_min, t_max]
-    t_max: float = 1.0
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    finetune_from: str | None = None  # a nag_toolkit checkpoint (or a shipped one's name), official DiT/SiT weights
-    bf16: bool | None = None        # autocast to bfloat16; None: on with CUDA
-    compile: bool = False           # torch.compile the model
-    max_bad_steps: int = 20         # consecutive non-finite steps tolerated before stopping
-    device: str = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-    num_workers: int = 0            # DataLoader processes that read batches ahead (0: read in the loop)
-    out: str = 'runs/train'
-
-# %% ../nbs/09_train.ipynb #5b741292
-@patch(cls_method=True)
-def from_dict(cls:TrainConfig, d:dict)->TrainConfig:
-    "A `TrainConfig` from a plain dict, validated field by field."
-    return config_from_dict(cls, d, 'training option')
+__all__ = ['RESUME_FREE', 'resolve', 'draw_batch', 'batch_loss', 'dit_vb_bits', 'StepBatches', 'batch_loader', 'ema_update',
+           'setup', 'TrainingDiverged', 'train_step', 'train']
 
 # %% ../nbs/09_train.ipynb #b975d09f
 def resolve(cfg:TrainConfig, world_size:int=1)->TrainConfig:
-    "Fill situational defaults and check ranges; returns a new config."
+    "Fill situational defaults, then validate (`Config.validate`); returns a new config."
     c = dataclasses.replace(cfg)
     if c.finetune_from is not None and c.model != 'diffusers':
         from nag_toolkit.bridge import is_diffusers_folder, finetune_config, check_diffusers_folder
         check_diffusers_folder(c.finetune_from)                          # diffusers weights without their config
         if is_diffusers_folder(c.finetune_from): c = finetune_config(c)   # a diffusers folder: its model and path
-    check_choice('path', c.path, INTERPOLANTS)
-    if c.pred is not None: check_choice('pred', c.pred, PRED_KINDS)
     ft = c.finetune_from is not None
     if ft: checkpoint_source(c.finetune_from, 'finetune_from', 'a checkpoint folder or weights file')
     if c.p_drop is None: c.p_drop = 0.2 if ft else 0.1
     if c.lr is None: c.lr = 1e-5 if ft else (1e-4 if c.model.startswith('DiT') else 1e-3)
-    for name in ('p_drop', 'p_drop_y', 'ema_decay'): check_range(name, getattr(c, name), 0, 1, hi_open=True)
-    for name in ('steps', 'batch_size', 'log_every', 'ckpt_every'): check_range(name, getattr(c, name), 1)
-    for name in ('lr',): check_range(name, c.lr, 0, lo_open=True)
-    for name in ('weight_decay', 'grad_clip', 'ip_gamma', 'num_workers'): check_range(name, getattr(c, name), 0)
-    check_range('t_min', c.t_min, 0, c.t_max, hi_open=True); check_range('t_max', c.t_max, c.t_min, 1, lo_open=True)
+    c.validate()                                              # every field's type, choices and range
+    check_choice('path', c.path, INTERPOLANTS)                # built in, or registered by the diffusers folder
     if c.batch_size % world_size:
         raise ConfigError(f"batch_size={c.batch_size} is not divisible by the world size {world_size}; "
                           f"allowed: a multiple of {world_size}")
@@ -179,22 +136,6 @@ def batch_loader(ds, cfg:TrainConfig, start:int=0, rank:int=0, world:int=1, pin_
     return DataLoader(StepBatches(ds, cfg, rank, world), batch_size=None, sampler=range(start, cfg.steps),
                       pin_memory=pin_memory, **workers)
 
-# %% ../nbs/09_train.ipynb #d938387b
-def pick_device(name:str='auto')->torch.device:
-    "The device to train on: CUDA (this process's local rank) when available for 'auto'."
-    if name != 'auto': return torch.device(name)
-    if torch.cuda.is_available(): return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    return torch.device('cpu')
-
-def init_distributed(device:torch.device)->tuple:
-    "Join the torchrun process group if there is one; returns (rank, world_size)."
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world == 1: return 0, 1
-    if not dist.is_initialized():
-        if device.type == 'cuda': torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return dist.get_rank(), dist.get_world_size()
-
 # %% ../nbs/09_train.ipynb #7fa2c1a4
 RESUME_FREE = {'steps', 'log_every', 'ckpt_every', 'keep_checkpoints', 'max_bad_steps', 'device', 'compile', 'out',
                'num_workers'}
@@ -236,11 +177,6 @@ def _finetune_init(model, cfg)->int:
     model.load_state_dict((ck := load_checkpoint(src))['ema'] or ck['model'])
     return null_t_steps(ck['state'])
 
-def null_t_steps(state:dict)->int:
-    "Optimizer steps trained with noise-condition dropout, from a checkpoint's JSON state (older runs: their config)."
-    if 'null_t_steps' in state: return int(state['null_t_steps'])
-    return int(state.get('step', 0)) if (state.get('config', {}).get('p_drop') or 0) > 0 else 0
-
 # %% ../nbs/09_train.ipynb #fabf93e8
 @torch.no_grad()
 def ema_update(ema, model, decay:float):
@@ -269,7 +205,7 @@ def setup(cfg:TrainConfig, held:contextlib.ExitStack|None=None)->dict:
     run = {'cfg': cfg, 'device': device, 'rank': rank, 'world': world, 'ds': ds, 'model': model, 'ema': ema,
            'opt': opt, 'pred': pred, 'path': get_interpolant(cfg.path), 'step': 0, 'skipped': 0,
            'null_t_steps': trained_null_t}
-    if held is not None: _take_folder(run, held)      # every option checked: now make the folder and lock it
+    if held is not None: take_folder(run, held)      # every option checked: now make the folder and lock it
     _maybe_resume(run)
     model.to(device); ema.to(device)
     for st in opt.state.values():
@@ -281,7 +217,7 @@ def _maybe_resume(run:dict):
     "Load the latest checkpoint of the run's folder into the run, after checking the configs agree."
     # the newest intact one
     if latest_checkpoint(run['cfg'].out) is not None: _resume_from(run, load_checkpoint(run['cfg'].out))
-    if run['rank'] == 0: _trim_log(Path(run['cfg'].out) / 'metrics.csv', run['step'])
+    if run['rank'] == 0: trim_log(Path(run['cfg'].out) / 'metrics.csv', run['step'])
 
 def _resume_from(run:dict, ck:dict):
     "Load checkpoint `ck` into the run, after checking that the configs agree."
@@ -296,27 +232,6 @@ def _resume_from(run:dict, ck:dict):
     run['opt'].load_state_dict(ck['optimizer'])
     run['step'], run['skipped'] = ck['state']['step'], ck['state'].get('skipped', 0)
     run['null_t_steps'] = null_t_steps(ck['state'])
-
-def _take_folder(run:dict, held:contextlib.ExitStack):
-    "Rank 0 makes the run folder and holds its lock; every process raises the same one-line error if it cannot."
-    err = ''
-    if run['rank'] == 0:
-        try: check_out_dir(run['cfg'].out, create=True); held.enter_context(RunLock(run['cfg'].out))
-        except ConfigError as e: err = str(e)
-    if run['world'] > 1: box = [err]; dist.broadcast_object_list(box, src=0); err = box[0]
-    if err: raise ConfigError(err)
-
-def _trim_log(f:Path, step:int):
-    ("Keep the complete rows of metrics.csv up to `step` "
-     "(a killed run may have logged past its checkpoint, or half a row).")
-    if not f.exists(): return
-    lines = f.read_text().splitlines(keepends=True)
-    if not lines or not lines[0].endswith('\n'): f.unlink(); return                  # not even a whole header
-    keep = lines[:1] + [l for l in lines[1:]
-                        if l.endswith('\n') and l.split(',', 1)[0].isdigit() and int(l.split(',', 1)[0]) <= step]
-    if keep != lines:
-        f.with_name(f.name + '.tmp').write_text(''.join(keep))
-        os.replace(f.with_name(f.name + '.tmp'), f)
 
 # %% ../nbs/09_train.ipynb #070945d5
 class TrainingDiverged(RuntimeError):
@@ -343,28 +258,6 @@ def train_step(run:dict, net, batch:dict)->dict:
     null_loss = ((per_row.detach() * nt).sum() / nt.sum()).item()  # nan when no row dropped its t
     return {'loss': loss.item(), 'grad_norm': gnorm.item(), 'skipped': 0, 'loss_null_t': null_loss}
 
-# %% ../nbs/09_train.ipynb #f3fd4813
-class StopFlag:
-    "Set by SIGTERM/SIGUSR1 or a first Ctrl-C (SIGINT) while installed; the loop checks it after each step."
-    def __init__(self): self.signal, self._old = None, {}
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            try: self._old[s] = signal.signal(s, self._handle)
-            except ValueError: pass   # not the main thread: no handler
-        return self
-    def _handle(self, signum, frame):
-        # a second Ctrl-C before the stop: at once (the checkpoint being written, if any, is held until done)
-        if signum == signal.SIGINT and self.signal == 'SIGINT': raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-    def __exit__(self, *exc):
-        for s, h in self._old.items(): signal.signal(s, h)
-
-def _agree(flag:bool, run:dict, device)->bool:
-    "True on every process if it is true on any (one all-reduce when distributed)."
-    if run['world'] == 1: return flag
-    t = torch.tensor([float(flag)], device=device); dist.all_reduce(t)
-    return bool(t.item())
-
 # %% ../nbs/09_train.ipynb #e724f560
 def _to(batch:dict, device)->dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -382,22 +275,6 @@ def _checkpoint(run:dict):
             export_diffusers(run['ema'], Path(cfg.out) / 'diffusers', run['null_t_steps'])
     if run['world'] > 1: dist.barrier()
     run['saved'] = run['step']
-
-def _log(run:dict, row:dict):
-    "Append one row to out/metrics.csv (rank 0), and to TensorBoard where it is installed."
-    f = Path(run['cfg'].out) / 'metrics.csv'
-    new = not f.exists()
-    # a full disk: one line (a half row is trimmed when the run resumes)
-    with writing(f, lambda: checkpoint_kept(run['cfg'].out)), open(f, 'a', newline='') as fh:
-        w = csv.DictWriter(fh, fieldnames=list(row)); new and w.writeheader(); w.writerow(row)
-    if 'tb' not in run:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            run['tb'] = SummaryWriter(Path(run['cfg'].out) / 'tensorboard')
-        except ImportError: run['tb'] = None
-    if run['tb'] is not None:
-        for k, v in row.items():
-            if k != 'step': run['tb'].add_scalar(k, v, row['step'])
 
 # %% ../nbs/09_train.ipynb #58993ffa
 def _net(run:dict):
@@ -420,20 +297,12 @@ def _train(run:dict)->dict:
     "Train a set-up run; on SIGTERM/SIGUSR1 checkpoint and return, on Ctrl-C checkpoint and raise `Interrupted`."
     run.setdefault('saved', run['step'] if run['step'] else None)     # the step of the newest checkpoint
     try: stopped = _steps(run)
-    except KeyboardInterrupt: raise Interrupted(_interrupted(run)) from None    # a second Ctrl-C: stopped at once
-    if stopped == 'SIGINT': raise Interrupted(_interrupted(run))
+    except KeyboardInterrupt: raise Interrupted(interrupted_line(run)) from None    # a second Ctrl-C: stopped at once
+    if stopped == 'SIGINT': raise Interrupted(interrupted_line(run))
     if stopped and run['rank'] == 0:
         print(f"received {stopped}: checkpointed at step {run['step']} in {run['cfg'].out}; "
               "run the same command again to resume")
     return {'step': run['step'], 'stopped': stopped, 'skipped': run['skipped'], 'run': run}
-
-def _interrupted(run:dict)->str:
-    "The one line of a run stopped by Ctrl-C: where it stopped and what was saved."
-    if run['saved'] == run['step']:
-        return f"interrupted at step {run['step']}; checkpoint saved; the same command resumes"
-    last = 'none' if run['saved'] is None else f"step {run['saved']}"
-    return (f"interrupted at step {run['step']} before its checkpoint was written; the last checkpoint ({last}) "
-            "stays latest; the same command resumes from it")
 
 def _steps(run:dict)->str|None:
     "The loop: steps, logs and checkpoints; the last checkpoint too. Returns the signal that stopped it, if any."
@@ -450,100 +319,13 @@ def _steps(run:dict)->str|None:
             run['step'] += 1; bar.update(1)
             run['null_t_steps'] += int(cfg.p_drop > 0 and not m['skipped'])
             if run['rank'] == 0 and (run['step'] % cfg.log_every == 0 or run['step'] == cfg.steps):
-                _log(run, {'step': run['step'], **m, 'lr': cfg.lr, 'seconds': time.perf_counter() - t0,
+                log_row(run, {'step': run['step'], **m, 'lr': cfg.lr, 'seconds': time.perf_counter() - t0,
                            'data_wait': wait})
                 bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-            if _agree(flag.signal is not None, run, run['device']): stopped = flag.signal or 'signal'; break
+            if agree(flag.signal is not None, run, run['device']): stopped = flag.signal or 'signal'; break
             if run['step'] % cfg.ckpt_every == 0: _checkpoint(run)
             t0 = time.perf_counter()
         bar.close()
         # the last steps, or the stop, checkpointed (a Ctrl-C during it waits, then counts as a stop)
         if run['step'] != run['saved']: _checkpoint(run)
         return stopped or flag.signal
-
-# %% ../nbs/09_train.ipynb #4eb5cc82
-@torch.no_grad()
-def exact_null_t_prediction(gm, x, path, pred:str, t_grid):
-    "The exact t-marginal prediction of kind `pred` at `x`: sum_j p(t_j | x) E[f | x, t_j]."
-    x = x.double(); N, G = len(x), len(t_grid)
-    post = gm.posterior_t(x, t_grid, path)                                   # [N, G]
-    xg, tg = x.repeat_interleave(G, 0), t_grid.double().repeat(N)            # every (sample, grid point) pair
-    f = path.from_x0_eps(gm.denoise(xg, tg, path), gm.eps_hat(xg, tg, path), xg, tg, pred)
-    return (post[..., None] * f.reshape(N, G, -1)).sum(1)
-
-@torch.no_grad()
-def oracle_gap(model, gm, path, pred:str, t_bins:int=10, n_per_bin:int=256, t_min:float=0.001, t_max:float=1.0,
-               seed:int=0):
-    "Per t-bin mean squared x0 gap to the exact oracle, for the conditional and the null-t branch (a DataFrame)."
-    import pandas as pd
-    path, g, rows = get_interpolant(path), torch.Generator().manual_seed(seed), []
-    t_grid = torch.linspace(t_min, t_max, 200, dtype=torch.float64)
-    dev = next(model.parameters()).device
-    for b in range(t_bins):
-        lo, hi = t_min + (t_max - t_min) * b / t_bins, t_min + (t_max - t_min) * (b + 1) / t_bins
-        t = lo + (hi - lo) * torch.rand(n_per_bin, generator=g)
-        x = gm.sample_xt(n_per_bin, t, path, generator=g)[0]
-        y, nt = torch.zeros(n_per_bin, dtype=torch.long), torch.ones(n_per_bin, dtype=torch.bool)
-        to_x0 = lambda f: path.convert(f.double(), x.double(), t, pred, 'x0')
-        cond = to_x0(model(x.to(dev), t.to(dev), y.to(dev)).cpu()[:, :x.shape[1]])
-        null = to_x0(model(x.to(dev), t.to(dev), y.to(dev), null_t=nt.to(dev)).cpu()[:, :x.shape[1]])
-        rows.append({'t_lo': lo, 't_hi': hi, 'cond_gap': (cond - gm.denoise(x.double(), t, path)).pow(2).mean().item(),
-                     'null_t_gap': (null - to_x0(exact_null_t_prediction(gm, x, path, pred,
-                                                                         t_grid))).pow(2).mean().item()})
-    return pd.DataFrame(rows)
-
-# %% ../nbs/09_train.ipynb #5b63f9f6
-def load_trained(path, # a run folder or one checkpoint folder
-                 which:str='ema', # 'ema' or 'model'
-                 device='cpu'):
-    "The trained denoiser of a run or a diffusers folder (eval mode) and the checkpoint's JSON state."
-    from nag_toolkit.bridge import is_diffusers_folder, load_trained_diffusers, net_from_config
-    if is_diffusers_folder(path): return load_trained_diffusers(path, device)
-    ck = load_checkpoint(path)
-    mc = ck['state']['model_config']
-    model = net_from_config(mc) if mc['name'] == 'diffusers' else build_model(**mc)
-    model.load_state_dict(ck[check_choice('which', which, ('ema', 'model'))] or ck['model'])
-    model.null_t_steps = null_t_steps(ck['state'])                      # 0: NAG through the null-t token is refused
-    return model.to(device).eval(), ck['state']
-
-def import_pretrained(weights, # an official DiT/SiT weights file (.pt read with weights_only=True, or .safetensors)
-                      out, # the run folder to create
-                      path:str='ddpm', # the path the weights were trained on: 'ddpm' for DiT, 'linear' for SiT
-                      **model_options)->Path: # the model's `name` and options (or just t_embed='sit'); else inferred
-    "Turn official weights into a nag_toolkit run folder (step 0, EMA = weights), ready for `nag-toolkit sample`."
-    model = (load_pretrained(weights, model=build_model(**model_options)) if 'name' in model_options else
-             load_pretrained(weights, t_embed=model_options.get('t_embed'))).model
-    cfg = TrainConfig(dataset='latents', model=model.config['name'],
-                      model_options={k: v for k, v in model.config.items() if k != 'name'},
-                      path=check_choice('path', path, INTERPOLANTS), out=str(out), finetune_from=str(weights))
-    state = {'config': asdict(cfg), 'skipped': 0, 'pred': model.pred, 'model_config': model.config, 'null_t_steps': 0}
-    return save_checkpoint(out, 0, model, model, None, state=state)
-
-def training_report(out, t_bins:int=10, n_per_bin:int=256)->dict:
-    "Loss curve (PNG) and, on a mixture, the per-t-bin oracle gaps (CSV, PNG) of the run in `out`."
-    import pandas as pd, matplotlib.pyplot as plt
-    from nag_toolkit.data import MIXTURES, get_mixture
-    out, res = Path(out), {}
-    log = pd.read_csv(out / 'metrics.csv')
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(log.step, log.loss, label='all rows')
-    ax.plot(log.step, log.loss_null_t, label='null-t rows', alpha=0.7)
-    ax.set(xlabel='step', ylabel='loss', yscale='log', title='training loss')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / 'loss.png', dpi=120)
-    model, state = load_trained(out)
-    cfg = state['config']
-    if cfg['dataset'] in MIXTURES:
-        gap = oracle_gap(model, get_mixture(cfg['dataset']), cfg['path'], state['pred'], t_bins, n_per_bin,
-                         cfg['t_min'], cfg['t_max'])
-        gap.to_csv(out / 'oracle_gap.csv', index=False)
-        fig2, ax2 = plt.subplots(figsize=(5, 3)); tm = (gap.t_lo + gap.t_hi) / 2
-        ax2.plot(tm, gap.cond_gap, 'o-', label='conditional f(x | t)')
-        ax2.plot(tm, gap.null_t_gap, 's-', label='null-t f(x)')
-        ax2.set(xlabel='t', ylabel='mean squared x0 gap', yscale='log', title='gap to the exact oracle')
-        ax2.legend()
-        fig2.tight_layout()
-        fig2.savefig(out / 'oracle_gap.png', dpi=120)
-        res['oracle_gap'] = gap
-    return {'log': log, **res}
