@@ -1,5 +1,6 @@
-"""Metrics: Fréchet distance closed forms, mixture metrics (collapse, mode dropping), MMD and sliced W2, the offline digits
-feature network through torch-fidelity, the content-keyed reference cache, FID from npz shards, and one-line errors."""
+"""Metrics: Fréchet distance closed forms, mixture metrics (collapse, mode dropping), MMD and sliced W2 (`metrics`); the
+offline digits feature network through torch-fidelity and the content-keyed reference cache (`image_metrics`); FID from
+npz shards and `nag-toolkit eval` (`eval_samples`); and one-line errors."""
 import urllib.error
 import numpy as np
 import pytest
@@ -7,10 +8,11 @@ import scipy.linalg
 import torch
 import torch_fidelity
 from torch_fidelity.metric_fid import fid_statistics_to_metric
-import nag_toolkit.metrics as M
-from nag_toolkit.metrics import (frechet_distance, gaussian_stats, mixture_metrics, mmd_rbf, sliced_w2, train_digits_features,
-                                 digits_split, digits_accuracy, image_metrics, reference_features, load_feature_extractor,
-                                 as_images, to_uint8, fid_from_npz, UInt8Images)
+import nag_toolkit.image_metrics as IM
+from nag_toolkit.metrics import frechet_distance, gaussian_stats, mixture_metrics, mmd_rbf, sliced_w2
+from nag_toolkit.image_metrics import (train_digits_features, digits_split, digits_accuracy, image_metrics, reference_features,
+                                       load_feature_extractor, as_images, to_uint8, UInt8Images)
+from nag_toolkit.eval_samples import fid_from_npz
 from nag_toolkit.analytic import GaussianMixture
 from nag_toolkit.core import ConfigError
 from nag_toolkit.data import get_mixture, get_dataset
@@ -151,14 +153,14 @@ def test_registered_extractor_works_inside_torch_fidelity(net, digits):
                                           feature_extractor_weights_path=str(net.path), fid=True, cuda=False, cache=False,
                                           save_cpu_ram=True, verbose=False)
     fe = load_feature_extractor('nag-digits', feature_net_path=net.path, device='cpu')
-    fa, fb = (M.extract_features(fe, as_images(x))['features'] for x in (a, b))
+    fa, fb = (IM.extract_features(fe, as_images(x))['features'] for x in (a, b))
     assert frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb)) == pytest.approx(tf['frechet_inception_distance'], rel=1e-4)
 
 
 def test_reference_cache_hits_on_same_content_and_misses_on_one_pixel(net, digits, tmp_path, monkeypatch):
     calls = []
-    real = M.extract_features
-    monkeypatch.setattr(M, 'extract_features', lambda fe, images, *a, **k: calls.append(len(images)) or real(fe, images, *a, **k))
+    real = IM.extract_features
+    monkeypatch.setattr(IM, 'extract_features', lambda fe, images, *a, **k: calls.append(len(images)) or real(fe, images, *a, **k))
     kw = dict(feature_net_path=net.path, cache_dir=tmp_path, device='cpu', kid_subsets=2)
     ref, samples = digits[:300], digits[300:500]
     first = image_metrics(samples, ref, **kw)
@@ -196,7 +198,7 @@ def test_fid_from_npz_shards_against_images_and_precomputed_stats(net, digits, t
     got = fid_from_npz(tmp_path / 'samples', tmp_path / 'ref.npz', num_samples=None, **kw)
     assert got['fid'] == pytest.approx(want, rel=1e-5) and (got['n_samples'], got['n_reference']) == (len(second), len(first))
     fe = load_feature_extractor('nag-digits', ['features'], feature_net_path=net.path, device='cpu')
-    mu, sigma = gaussian_stats(M.extract_features(fe, as_images(first))['features'])
+    mu, sigma = gaussian_stats(IM.extract_features(fe, as_images(first))['features'])
     np.savez(tmp_path / 'stats.npz', mu=mu.numpy(), sigma=sigma.numpy())
     assert fid_from_npz(tmp_path / 'samples', tmp_path / 'stats.npz', num_samples=len(second), **kw)['fid'] == pytest.approx(want, rel=1e-5)
     head = fid_from_npz(tmp_path / 'samples', tmp_path / 'ref.npz', num_samples=500, **kw)   # crosses the shard boundary
@@ -246,7 +248,7 @@ def test_eval_matches_torch_fidelity_and_writes_one_json(net, digits, tmp_path):
     """`evaluate` on two npz sample shards against the digits dataset gives torch-fidelity's own FID, precision,
     recall and Inception Score (calculate_metrics on the same uint8 images, same extractor and seed)."""
     import json
-    from nag_toolkit.metrics import evaluate
+    from nag_toolkit.eval_samples import evaluate
     samples, nhwc = digits[1::2], lambda x: to_uint8(x).permute(0, 2, 3, 1).numpy()
     (tmp_path / 's').mkdir()
     np.savez(tmp_path / 's' / 'shard_00000.npz', nhwc(samples[:300])); np.savez(tmp_path / 's' / 'shard_00001.npz', nhwc(samples[300:]))
@@ -270,13 +272,13 @@ def test_eval_command_against_an_adm_style_npz_and_its_errors(net, digits, tmp_p
     nhwc = lambda x: to_uint8(x).permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / 'samples.npz', nhwc(digits[:500]))
     fe = load_feature_extractor('nag-digits', ['features'], net.path, device='cpu')
-    mu, sigma = gaussian_stats(M.extract_features(fe, as_images(digits[1000:]))['features'])
+    mu, sigma = gaussian_stats(IM.extract_features(fe, as_images(digits[1000:]))['features'])
     np.savez(tmp_path / 'ref.npz', nhwc(digits[500:1000]), mu=mu.numpy(), sigma=sigma.numpy())
     common = ['--feature-extractor', 'nag-digits', '--feature-net-path', str(net.path), '--cache-dir', str(tmp_path / 'c'), '--device', 'cpu']
     main(['eval', '--samples', str(tmp_path / 'samples.npz'), '--reference', str(tmp_path / 'ref.npz'), '--out', str(tmp_path / 'e'), *common])
     assert 'fid ' in capsys.readouterr().out
     res = json.loads((tmp_path / 'e' / 'eval.json').read_text())
-    f = M.extract_features(fe, as_images(digits[:500]))['features']
+    f = IM.extract_features(fe, as_images(digits[:500]))['features']
     assert res['fid'] == pytest.approx(frechet_distance(*gaussian_stats(f), mu, sigma), rel=1e-6) and res['fid_reference'] == 'npz mu/sigma'
     assert 0 < res['precision'] <= 1 and res['n_reference'] == 500
     with pytest.raises(SystemExit) as e: main(['eval', '--samples', str(tmp_path / 'samples.npz'), *common])
