@@ -7,7 +7,7 @@ import argparse, os, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import row, machine, print_rows
-from nag_toolkit.study import run_study
+from nag_toolkit.study_runs import run_study
 
 def rows(quick:bool=False, notebooks:bool=True)->list:
     "One row: the study's wall time in seconds (goal <= 300). `quick` runs the stages in process, without papermill."

@@ -222,7 +222,7 @@ def study_options(args:argparse.Namespace)->dict:
 
 def cmd_study(args):
     "Run the study and print where its summary is."
-    from nag_toolkit.study import run_study
+    from nag_toolkit.study_runs import run_study
     print(f"wrote {run_study(study_options(args))}")
 
 COMMANDS['study'] = Command(cmd_study, (StudyCommand, StudyConfig),
@@ -284,7 +284,7 @@ def cmd_latents(args):
 
 def cmd_eval(args):
     "Score sample shards against a reference; prints the headline metrics and where the JSON is."
-    from nag_toolkit.metrics import evaluate
+    from nag_toolkit.eval_samples import evaluate
     res = evaluate(config_options(args))
     keys = [k for k in ('fid', 'isc_mean', 'precision', 'recall', 'kid_mean') if k in res]
     print(', '.join(f"{k} {res[k]:.4g}" for k in keys) + f" ({res['n_samples']} samples)")

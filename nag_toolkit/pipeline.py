@@ -4,10 +4,11 @@
 
 # %% ../nbs/15d_pipeline.ipynb #d7cdb066
 from __future__ import annotations
+from pathlib import Path
 from .core import ConfigError, read_yaml_mapping
 
 # %% auto #0
-__all__ = ['collect_parameters']
+__all__ = ['PIPELINES', 'collect_parameters', 'run_notebooks']
 
 # %% ../nbs/15d_pipeline.ipynb #e47538c9
 _IPYTHON_NAMES = ('In', 'Out', 'get_ipython', 'exit', 'quit', 'open')   # what a kernel defines by itself
@@ -26,3 +27,22 @@ def collect_parameters(namespace:dict, # the notebook's globals()
         cf = params.pop('config_file')
         params['config_file_options'] = {} if cf in (None, '') else read_yaml_mapping(cf, 'config_file')
     return params
+
+# %% ../nbs/15d_pipeline.ipynb #e59e407b
+import nag_toolkit
+PIPELINES = Path(nag_toolkit.__file__).resolve().parent.parent / 'nbs' / 'pipelines'   # present in a source checkout
+
+def run_notebooks(plan:list, # (notebook file name in PIPELINES, its parameters), in order
+                  out, # the job's folder: the executed copies go to out/notebooks, and it is their cwd
+                  kernel:str): # the Jupyter kernel (`sweep.default_kernel()`)
+    "Execute the plan's notebooks in order with papermill; their output streamed here, executed copies kept."
+    import papermill as pm, logging
+    log = logging.getLogger('papermill')
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler())
+        log.setLevel(logging.INFO)
+    (Path(out) / 'notebooks').mkdir(exist_ok=True)
+    for nb, params in plan:
+        print(f'running {nb} ...', flush=True)
+        pm.execute_notebook(str(PIPELINES / nb), str(Path(out) / 'notebooks' / nb), parameters=params,
+                            kernel_name=kernel, progress_bar=False, log_output=True, cwd=str(out))

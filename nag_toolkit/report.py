@@ -58,6 +58,7 @@ def fig_heatmaps(heat:dict, sh:pd.DataFrame, steps:int):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/15a_report.ipynb #3ba33579
 def fig_hero(heat:dict, sh:pd.DataFrame, steps:int):
     ("The figure a newcomer sees first: the posterior over t of Euler's states against the schedule, without and "
      "with classifier-free NAG (w = 1), and the excess shift of each along sampling, with intervals.")
@@ -78,6 +79,7 @@ def fig_hero(heat:dict, sh:pd.DataFrame, steps:int):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/15a_report.ipynb #05479359
 def fig_shift_curves(sh:pd.DataFrame, steps:int):
     "Excess shift against t for no guidance and classifier-free NAG weights (Euler, exact posterior)."
     d = sh[(sh.sampler == 'euler') & (sh.steps == steps) & (sh.posterior == _primary(sh))
@@ -108,6 +110,7 @@ def fig_metrics_vs_w(res:pd.DataFrame):
     axs[0].legend(fontsize=7); fig.tight_layout()
     return fig
 
+# %% ../nbs/15a_report.ipynb #5f156c0e
 def fig_statement1(sh:pd.DataFrame, path:str, steps:int):
     "Excess shift of the learned model (Euler, exact posterior) and Statement 1 with the fitted error scale."
     d = sh[(sh.method == 'none') & (sh.sampler == 'euler') & (sh.steps == steps) & (sh.posterior == _primary(sh))]
@@ -139,6 +142,7 @@ def fmt(v:float, lo:float, hi:float, sign:str='')->str:
     "A value and its interval, three significant digits: '0.123 [0.101, 0.14]'."
     return f'{v:{sign}.3g} [{lo:{sign}.3g}, {hi:{sign}.3g}]'
 
+# %% ../nbs/15a_report.ipynb #385017de
 def sweep_rows(res:pd.DataFrame)->pd.DataFrame:
     "The sweep's runs: without the unguided runs made only for the equal-NFE comparisons (`purpose` 'equal-nfe')."
     return res[res.purpose != 'equal-nfe'] if 'purpose' in res else res
@@ -212,6 +216,7 @@ def _floor_verdict(lo:float, hi:float)->str:
 
 GUIDED = ('cf-NAG', 'cb-NAG', 'exact cf-NAG', 'exact cb-NAG', 'eps scaling', 'time shift')
 
+# %% ../nbs/15a_report.ipynb #d48a6038
 def _cells(res:pd.DataFrame)->list:
     "(sampler, steps) of every cell at the full sample size, fewest steps first."
     res = sweep_rows(res)
@@ -233,6 +238,7 @@ def _groups(res:pd.DataFrame)->list:
                                               if m in _cell(res, s, k).index]       # Restart: Euler's cells only
     return groups
 
+# %% ../nbs/15a_report.ipynb #e3e0bdd8
 def findings(res:pd.DataFrame)->list:
     "The study's claims, generated from `results.csv`: per group, the main metric, its two sides and the shift."
     mets = (['fd', 'coverage_tv', 'nll_gap', 'excess_shift_low_t'] if 'fd' in res
@@ -367,6 +373,7 @@ _HOW = ("Every number has a {lvl:.0%} bootstrap interval ({b} resamples of the s
         "or worse (lower or higher for metrics without a better side) only where its interval excludes 0, and no "
         "difference otherwise.")
 
+# %% ../nbs/15a_report.ipynb #43e3c884
 def _notes(cfg, s_e, cal, gap)->list:
     "The closing notes: the Statement 1 fit, the estimator's calibration and the denoiser's gap to the oracle."
     est = (f"Estimator calibration (max over t-bins): |E_g[t|x] - E[t|x]| = {cal.mean_abs_gap.max():.4f}, "
@@ -395,6 +402,7 @@ _VERDICTS = ("The main metric's paired change against no guidance (method minus 
              "its {lvl:.0%} interval, at equal steps and at equal NFE (network evaluations per sample; 'same' where "
              "the method costs one per step):")
 
+# %% ../nbs/15a_report.ipynb #727704e5
 def _summary_md(cfg, groups, tables, figs, s_e, cal, gap, front)->str:
     "The one-page Markdown summary: the verdicts first, then quality against compute, the figures, the full tables."
     wrap = lambda s: textwrap.fill(s, 118)
@@ -450,6 +458,7 @@ def fig_where_nag_helps(m:pd.DataFrame, metric:str='fd'):
     axs[0, 0].legend(fontsize=6, ncol=len(samplers)); fig.tight_layout()
     return fig
 
+# %% ../nbs/15a_report.ipynb #3db64e8f
 def map_findings(m:pd.DataFrame, metric:str='fd')->pd.DataFrame:
     ("Per model, family, sampler and steps: the weights where NAG is better, worse or no different on `metric` "
      "(from the intervals).")
@@ -500,6 +509,7 @@ def map_conclusions(m:pd.DataFrame, metric:str='fd')->list:
 
 MAP_GRID_METHODS = ['none', 'cf-NAG w=1', 'cf-NAG w=3', 'cb-NAG w=1', 'cb-NAG w=3']   # the rows of each model
 
+# %% ../nbs/15a_report.ipynb #fd15714d
 def map_sample_grids(cfg, # the study's options (a `StudyConfig` with `models`)
                      outs:list)->dict: # the models' study folders, in the order of `cfg.models`
     ("On images: (sampler, steps) -> the samples of every model, no guidance and NAG at w = 1 and 3, from the "
@@ -533,6 +543,7 @@ def pareto_front(res:pd.DataFrame, metric:str='fd')->pd.DataFrame:
             if not beaten.any(): keep.append(i)
     return d.loc[keep].sort_values(['model', 'sampler', 'nfe'])
 
+# %% ../nbs/15a_report.ipynb #a893440b
 def pareto_conclusions(res:pd.DataFrame, metric:str='fd')->list:
     "One generated sentence per model and sampler: which methods hold the front, and whether NAG is on it."
     out = []
@@ -544,6 +555,7 @@ def pareto_conclusions(res:pd.DataFrame, metric:str='fd')->list:
                    + (f"NAG is on it at NFE {_values(nag.nfe)}." if len(nag) else "NAG is not on it."))
     return out
 
+# %% ../nbs/15a_report.ipynb #93ed511a
 def fig_pareto(res:pd.DataFrame, metric:str='fd'):
     ("`metric` against NFE, one panel per sampler, one line per method (colour) and model (line style) across the "
      "step counts, with intervals; the front's runs ringed.")

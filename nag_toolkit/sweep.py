@@ -79,10 +79,13 @@ def submitit_options(slurm:dict, workers:int=1)->dict:
     return opts
 
 # %% ../nbs/17_sweep.ipynb #4ad048b6
-def default_kernel()->str:
-    "The Jupyter kernel for runs: nag-toolkit (registered by `make install`) if present, else python3."
-    from jupyter_client.kernelspec import KernelSpecManager
-    return 'nag-toolkit' if 'nag-toolkit' in KernelSpecManager().find_kernel_specs() else 'python3'
+def default_kernel()->str|None:
+    "The Jupyter kernel for runs: nag-toolkit (registered by `make install`), else python3, else None (none found)."
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+        specs = KernelSpecManager().find_kernel_specs()
+    except Exception: return None                            # no Jupyter installation to ask
+    return next((k for k in ('nag-toolkit', 'python3') if k in specs), None)
 
 def read_grid(path, # the grid YAML file
               **overrides)->Sweep: # out=, workers=, executor= ... from the command line; None keeps the file's value

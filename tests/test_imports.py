@@ -45,3 +45,10 @@ def test_config_and_core_load_without_torch():
     code = "import sys, nag_toolkit.config, nag_toolkit.core, nag_toolkit.cli; assert 'torch' not in sys.modules"
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+def test_exact_metrics_load_without_torch_fidelity():
+    "The exact metrics need no feature network: importing them loads neither torch-fidelity nor the image chapters."
+    code = ("import sys, nag_toolkit.metrics; "
+            "assert not {'torch_fidelity', 'nag_toolkit.image_metrics', 'nag_toolkit.eval_samples'} & set(sys.modules)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -84,7 +84,8 @@ def test_quick_study_on_digits_in_process(tmp_path):
 
 def test_seeds_are_pooled(tmp_path):
     "With seeds: 2, one study per seed and a pooled results.csv: mean estimates, intervals and paired differences."
-    from nag_toolkit.study import run_study, QUICK
+    from nag_toolkit.study_runs import run_study
+    from nag_toolkit.config import QUICK
     run_study({**QUICK, 'seeds': 2, 'samplers': ['euler'], 'shift_steps': [8], 'train_steps': 60, 'estimator_steps': 60, 'n_samples': 200,
                'exact': False, 'baselines': False, 'out': str(tmp_path), 'notebooks': False})
     pooled, a, b = (pd.read_csv(tmp_path / d / 'results.csv') for d in ('.', 'studies/seed=0', 'studies/seed=1'))
@@ -100,7 +101,8 @@ def test_seeds_are_pooled(tmp_path):
 
 def test_seeds_run_as_a_sweep_of_the_study_notebook(tmp_path):
     "Through a kernel, the studies of several seeds are one `nag-toolkit sweep` of pipelines/study.ipynb, 2 at a time."
-    from nag_toolkit.study import run_study, QUICK
+    from nag_toolkit.study_runs import run_study
+    from nag_toolkit.config import QUICK
     opts = {**QUICK, 'seeds': 2, 'workers': 2, 'samplers': ['euler'], 'shift_steps': [], 'train_steps': 40,
             'estimator_steps': 40, 'n_samples': 150, 'n_shift': 64, 'exact': False, 'baselines': False, 'n_boot': 20}
     run_study({**opts, 'out': str(tmp_path)})
