@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields, asdict, MISSING
 from fastcore.docments import docments
-from .core import ConfigError, check_choice, check_range, coerce
+from .core import ConfigError, check_choice, check_range, coerce, config_from_dict
 
 # %% auto #0
 __all__ = ['SAMPLER_NAMES', 'GUIDER_NAMES', 'MIXTURE_NAMES', 'DATASET_NAMES', 'MODEL_NAMES', 'PATH_NAMES', 'PRED_NAMES',
@@ -68,10 +68,7 @@ class Config:
     @classmethod
     def from_dict(cls, d:dict):
         "A validated instance from a plain dict (YAML, flags, papermill parameters)."
-        known = {f.name: f for f in fields(cls)}
-        for k in d:
-            if k not in known: raise ConfigError(f"{k!r} is not a {cls.what}; allowed: {', '.join(known)}")
-        return cls(**{k: check_field(known[k], v) for k, v in d.items()}).validate()
+        return config_from_dict(cls, d, cls.what).validate()     # unknown names and types, then the values
 
     def validate(self):
         "`self` once every field's type, choices and range, and the rules between fields, are allowed."
@@ -216,7 +213,7 @@ class SampleConfig(Config):
         label, guidance = d.get('label'), d.get('guidance')
         if isinstance(label, int) and not isinstance(label, bool): d = {**d, 'label': str(label)}
         if isinstance(guidance, (str, dict)): d = {**d, 'guidance': [guidance]}
-        return super().from_dict.__func__(cls, d)
+        return super().from_dict(d)
 
     def check(self):
         "The shorthands' window is an interval; the label is 'random' or a class id."

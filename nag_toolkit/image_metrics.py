@@ -336,7 +336,8 @@ def load_feature_extractor(name:str='nag-digits', # a name in torch-fidelity's r
 def extract_features(fe, # a torch-fidelity feature extractor
                      images:Images, # the images
                      batch_size:int=256)->dict: # images per forward pass
-    "Run `fe` over uint8 image batches: `{layer: float32 features [N, d]}` on the CPU; grey images are repeated to RGB."
+    ("Run `fe` over uint8 image batches: `{layer: float32 features [N, d]}` on the CPU; "
+     "grey images are repeated to RGB.")
     device, out = next(fe.parameters()).device, {}
     for b in images.batches(batch_size):
         b = b.expand(-1, 3, -1, -1) if b.shape[1] == 1 else b
@@ -349,7 +350,8 @@ def _cache_key(*parts)->str: return hashlib.sha256('|'.join(map(str, parts)).enc
 
 def reference_cache_path(images:Images, fe, cache_dir=None, batch_size:int=256)->Path:
     "Where the reference features of `images` under `fe` are cached: a hash of content, extractor, weights and layers."
-    key = _cache_key(images.digest(batch_size), fe.get_name(), fe.weights_id, *sorted(fe.get_requested_features_list()))
+    layers = sorted(fe.get_requested_features_list())
+    key = _cache_key(images.digest(batch_size), fe.get_name(), fe.weights_id, *layers)
     return Path(cache_dir or default_cache_dir()) / 'reference' / f'{key}.safetensors'
 
 def reference_features(reference, # images in any form `as_images` takes

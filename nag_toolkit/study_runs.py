@@ -55,7 +55,8 @@ def _sub_base(cfg:StudyConfig)->dict:
 
 def _study_sweep(cfg:StudyConfig, name:str, values:list, kernel:str)->Sweep:
     "The sweep of pipelines/study.ipynb that runs one study per value of option `name`, `cfg.workers` at a time."
-    return Sweep(notebook=str(PIPELINES / 'study.ipynb'), grid={name: list(values)}, out=str(Path(cfg.out) / 'studies'),
+    return Sweep(notebook=str(PIPELINES / 'study.ipynb'), grid={name: list(values)},
+                 out=str(Path(cfg.out) / 'studies'),
                  parameters={'study': _sub_base(cfg), 'threads': max(1, (os.cpu_count() or 1) // cfg.workers)},
                  executor=cfg.executor, workers=cfg.workers, kernel=kernel)
 
@@ -91,7 +92,8 @@ def pool_studies(cfg:StudyConfig, outs:list)->Path:
     boots = []
     # the same seed everywhere: every run picks the same models, so differences stay paired
     for i in range(len(res)):
-        pooled = {m: pool_seeds([r.at[i, m] for r in ress], torch.stack([b['boots'][i][m] for b in bts]), seed=cfg.seed)
+        pooled = {m: pool_seeds([r.at[i, m] for r in ress], torch.stack([b['boots'][i][m] for b in bts]),
+                                seed=cfg.seed)
                   for m in bts[0]['boots'][i]}
         for m, (p, _) in pooled.items(): res.at[i, m] = p
         boots.append({m: b for m, (_, b) in pooled.items()})
